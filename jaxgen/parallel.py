@@ -1,0 +1,88 @@
+"""Device meshes, multi-host start-up and batch sharding helpers.
+
+jaxgen parallelises with ``jax.jit`` over a :class:`jax.sharding.Mesh` and
+``NamedSharding`` (no ``pmap``). The batch dimension is split over the
+``data`` axis; an optional ``fsdp`` axis shards parameters (see ``train``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxgen.errors import InputError
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Start JAX's multi-controller runtime when more than one process is asked for.
+
+    Arguments left as ``None`` are read from ``JAXGEN_COORDINATOR``,
+    ``JAXGEN_NUM_PROCESSES`` and ``JAXGEN_PROCESS_ID``; with none of them set
+    and no cluster environment (TPU pod, SLURM) JAX detects, this is a no-op
+    and the run stays single-process.
+    """
+    coordinator = coordinator or os.environ.get("JAXGEN_COORDINATOR")
+    if num_processes is None and "JAXGEN_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["JAXGEN_NUM_PROCESSES"])
+    if process_id is None and "JAXGEN_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["JAXGEN_PROCESS_ID"])
+    if coordinator is None and num_processes is None:
+        if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"):
+            jax.distributed.initialize()  # JAX reads the cluster's own environment
+        return
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU collectives across processes need gloo (the default has none).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def make_mesh(
+    devices: list[jax.Device] | None = None,
+    fsdp: int = 1,
+) -> Mesh:
+    """A 2-D mesh ``(data, fsdp)`` over ``devices`` (default: all devices, all hosts).
+
+    Args:
+      devices: devices to use, in order; default ``jax.devices()``.
+      fsdp: size of the ``fsdp`` axis; must divide the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if fsdp < 1 or len(devices) % fsdp:
+        raise InputError(
+            f"fsdp={fsdp} must be >= 1 and divide the number of devices ({len(devices)})."
+        )
+    grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, fsdp)
+    return Mesh(grid, (DATA_AXIS, "fsdp"))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of an array whose leading (batch) axis is split over every mesh axis."""
+    return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of an array held whole on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+    """Pad the leading axis of ``x`` up to a multiple of ``multiple`` by repeating row 0.
+
+    Returns the padded array and the number of real rows, so that callers
+    can drop the padding after the computation (nothing is ever dropped from
+    the real rows).
+    """
+    n = x.shape[0]
+    pad = (-n) % multiple
+    if pad == 0:
+        return x, n
+    return np.concatenate([x, np.repeat(x[:1], pad, axis=0)], axis=0), n
