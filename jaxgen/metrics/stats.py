@@ -1,0 +1,210 @@
+"""Gaussian feature statistics: streaming float64 accumulation and npz files.
+
+Features leave the device as float32 and are accumulated on the host in
+float64 with Chan et al.'s pairwise update ("Updating Formulae and a Pairwise
+Algorithm for Computing Sample Variances", 1979): each batch contributes its
+own mean and centred scatter matrix, so no catastrophic cancellation occurs
+however large the mean is relative to the spread, and the result does not
+depend on how the images were batched (up to float64 rounding). Partial
+statistics from several processes merge with the same formula, in process
+order, so multi-host results are deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxgen.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianStats:
+    """Mean and covariance of a feature set (float64), and how many samples made them.
+
+    Attributes:
+      mu: ``[D]`` mean.
+      sigma: ``[D, D]`` unbiased covariance (divided by ``n - 1``).
+      n: number of samples, or ``None`` when read from a file that does not say.
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int | None = None
+
+    def __post_init__(self):
+        mu = np.asarray(self.mu, np.float64)
+        sigma = np.asarray(self.sigma, np.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise InputError(
+                f"GaussianStats needs mu of shape [D] and sigma [D, D]; got mu {mu.shape}, "
+                f"sigma {sigma.shape}."
+            )
+        if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+            raise InputError("GaussianStats: mu or sigma contains NaN or inf.")
+        object.__setattr__(self, "mu", mu)
+        object.__setattr__(self, "sigma", sigma)
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension D."""
+        return self.mu.shape[0]
+
+    @classmethod
+    def from_features(cls, features: np.ndarray) -> GaussianStats:
+        """Statistics of a ``[N, D]`` feature array (N >= 2)."""
+        acc = MomentAccumulator()
+        acc.update(features)
+        return acc.finalize()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, spatial: bool = False) -> GaussianStats:
+        """Read pytorch-fid's npz (``mu``, ``sigma``) or the ADM evaluator's npz.
+
+        Args:
+          path: the ``.npz`` file.
+          spatial: read the sFID statistics (``mu_s``, ``sigma_s``) instead.
+        """
+        keys = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
+        data = read_npz(path)
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise InputError(
+                f"{path}: statistics file lacks {', '.join(missing)} (has {sorted(data)}); "
+                "write it with `python -m jaxgen.fid_stats`."
+            )
+        n = int(data["n"]) if "n" in data else None
+        try:
+            return cls(data[keys[0]], data[keys[1]], n)
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, with pickles refused and corruption reported by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file.")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npz file ({e}).") from None
+
+
+def save_stats(
+    path: str | os.PathLike,
+    stats: GaussianStats,
+    spatial: GaussianStats | None = None,
+) -> None:
+    """Write statistics as an npz that pytorch-fid and the ADM evaluator both read.
+
+    Keys: ``mu``, ``sigma`` (pool3), ``mu_s``, ``sigma_s`` (sFID, when given)
+    and ``n``. The file is written to a temporary name and renamed, so an
+    existing file is never left half-written.
+    """
+    arrays = {"mu": stats.mu, "sigma": stats.sigma}
+    if spatial is not None:
+        arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
+    if stats.n is not None:
+        arrays["n"] = np.asarray(stats.n, np.int64)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class MomentAccumulator:
+    """Streaming float64 mean and covariance of feature batches.
+
+    ``update`` folds in a ``[B, D]`` batch; ``merge`` folds in another
+    accumulator; ``allreduce`` merges the accumulators of all JAX processes;
+    ``finalize`` returns :class:`GaussianStats`.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None  # centred scatter matrix, sum (x - mean)(x - mean)^T
+
+    def update(self, x: np.ndarray) -> None:
+        """Add a batch of features ``[B, D]`` (any float dtype; B may be 0)."""
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise InputError(f"features must have shape [N, D]; got {x.shape}.")
+        if self.mean is not None and x.shape[1] != self.mean.shape[0]:
+            raise InputError(
+                f"feature dimension changed from {self.mean.shape[0]} to {x.shape[1]}."
+            )
+        if x.shape[0] == 0:
+            return
+        x = x.astype(np.float64)
+        if not np.all(np.isfinite(x)):
+            raise InputError("features contain NaN or inf.")
+        mean = x.mean(axis=0)
+        xc = x - mean
+        self._combine(x.shape[0], mean, xc.T @ xc)
+
+    def merge(self, other: MomentAccumulator) -> None:
+        """Fold in the statistics held by ``other``."""
+        if other.n:
+            self._combine(other.n, other.mean, other.m2)
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n_b, mean_b.copy(), m2_b.copy()
+            return
+        if mean_b.shape != self.mean.shape:
+            raise InputError(
+                f"feature dimension changed from {self.mean.shape[0]} to {mean_b.shape[0]}."
+            )
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.m2 += m2_b + np.outer(delta, delta) * (self.n * n_b / n)
+        self.mean += delta * (n_b / n)
+        self.n = n
+
+    def allreduce(self) -> None:
+        """Merge the accumulators of every JAX process into each (a no-op with one).
+
+        float64 arrays travel as their raw bytes (viewed as uint32), so the
+        reduction is exact whether or not JAX runs with x64 enabled.
+        """
+        if jax.process_count() == 1:
+            return
+        from jax.experimental import multihost_utils
+
+        if self.mean is None:
+            raise InputError(
+                f"process {jax.process_index()} saw no features; every process needs at least one."
+            )
+        d = self.mean.shape[0]
+        packed = np.concatenate(
+            [np.asarray([self.n], np.float64), self.mean, self.m2.ravel()]
+        ).view(np.uint32)
+        gathered = np.asarray(multihost_utils.process_allgather(packed))
+        merged = MomentAccumulator()
+        for row in gathered:
+            vals = np.ascontiguousarray(row).view(np.float64)
+            merged._combine(int(vals[0]), vals[1 : d + 1], vals[d + 1 :].reshape(d, d))
+        self.n, self.mean, self.m2 = merged.n, merged.mean, merged.m2
+
+    def finalize(self) -> GaussianStats:
+        """The mean and unbiased covariance; needs at least 2 samples."""
+        if self.n < 2:
+            raise InputError(
+                f"statistics need at least 2 samples, got {self.n}; provide more images."
+            )
+        return GaussianStats(self.mean.copy(), self.m2 / (self.n - 1), self.n)
