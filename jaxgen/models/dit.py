@@ -1,0 +1,190 @@
+"""DiT: "Scalable Diffusion Models with Transformers" (Peebles & Xie, 2023).
+
+A faithful Flax port of facebookresearch/DiT ``models.py``: patchify with a
+learned ``p x p`` convolution, fixed 2-D sin-cos position embedding,
+timestep embedder (256-d sinusoid → MLP), class embedder with a null class,
+adaLN-Zero blocks and a zero-initialised final layer — so a fresh model
+outputs exactly zero — and an optional learned-sigma output (2x channels).
+
+Parameter counts equal the reference implementation's trainable parameters;
+PyTorch's ``model.parameters()`` additionally counts the fixed position
+embedding (``T x hidden``, stored there as a frozen ``nn.Parameter``): DiT-XL/2
+has 674,834,720 trainable parameters here and 675,129,632 in PyTorch's count.
+
+Usage::
+
+    model = dit("DiT-S/2", num_classes=10, learn_sigma=False)
+    variables = model.init(key, x, t, {"label": y})
+    eps = model.apply(variables, x, t, {"label": y})       # model_fn contract
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxgen.errors import InputError
+from jaxgen.models.layers import (
+    Array,
+    Attention,
+    Cond,
+    Dtype,
+    LabelEmbedder,
+    TimestepEmbedder,
+    check_inputs,
+    conv,
+    dense,
+    sincos_pos_embed_2d,
+    split_cond,
+    zeros,
+)
+
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "S": dict(hidden=384, depth=12, num_heads=6),
+    "B": dict(hidden=768, depth=12, num_heads=12),
+    "L": dict(hidden=1024, depth=24, num_heads=16),
+    "XL": dict(hidden=1152, depth=28, num_heads=16),
+}
+"""The paper's Table 1: hidden size, depth and heads of each named size."""
+
+DIT_PATCHES = (2, 4, 8)
+
+
+def _modulate(x: Array, shift: Array, scale: Array) -> Array:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+    # No affine parameters: adaLN supplies scale and shift (DiT uses eps 1e-6).
+    return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype, name=name)
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (the paper's Figure 3)."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array) -> Array:
+        """``x`` ``[B, T, D]`` tokens, ``c`` ``[B, D]`` conditioning → ``[B, T, D]``."""
+        d = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mod = dense(6 * d, ("embed", "mlp"), kernel_init=zeros, name="adaLN", **kw)(nn.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
+        h = _modulate(_layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
+        x = x + gate_msa[:, None] * Attention(self.num_heads, name="attn", **kw)(h)
+        h = _modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
+        h = dense(int(d * self.mlp_ratio), ("embed", "mlp"), name="fc1", **kw)(h)
+        h = dense(d, ("mlp", "embed"), name="fc2", **kw)(nn.gelu(h, approximate=True))
+        return x + gate_mlp[:, None] * h
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer over NHWC images or latents.
+
+    Attributes:
+      patch: patch size ``p``; height and width must be multiples of it.
+      hidden: token width ``D``.
+      depth: number of DiT blocks.
+      num_heads: attention heads.
+      mlp_ratio: MLP width over ``D``.
+      num_classes: classes for conditioning (0: unconditional); the
+        embedding table has one more row, the null class ``num_classes``.
+      class_dropout: probability of replacing a label by the null class in
+        training (classifier-free guidance); the paper uses 0.1.
+      learn_sigma: output ``2C`` channels (prediction, then ADM's variance
+        interpolation ``v``) instead of ``C``.
+      out_channels: output channels before ``learn_sigma`` doubling; default:
+        the input's.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    patch: int = 2
+    hidden: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout: float = 0.1
+    learn_sigma: bool = True
+    out_channels: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, cond: Cond = None, *, train: bool = False) -> Array:
+        """Predict from noisy ``x`` ``[B, H, W, C]`` at times ``t`` ``[B]``.
+
+        Args:
+          x: NHWC float input; ``H`` and ``W`` multiples of ``patch``.
+          t: ``[B]`` (or scalar) time / noise level, embedded as given.
+          cond: ``None`` or ``{"label": [B] int}``; missing labels mean the
+            null class.
+          train: training mode (label dropout; needs the ``dropout`` RNG).
+
+        Returns:
+          ``[B, H, W, C']`` float32, ``C' = (out_channels or C) * (2 if learn_sigma else 1)``.
+        """
+        t = check_inputs(x, t)
+        b, height, width, channels = x.shape
+        p = self.patch
+        if height % p or width % p:
+            raise InputError(
+                f"DiT with patch {p} needs height and width divisible by {p}, got "
+                f"{height}x{width}; crop or pad the input, or pick a patch that divides both."
+            )
+        gh, gw = height // p, width // p
+        out_ch = (self.out_channels or channels) * (2 if self.learn_sigma else 1)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        # Patchify: a p x p stride-p convolution, i.e. a linear map of each patch.
+        h = conv(self.hidden, ("channels", "embed"), kernel=p, stride=p, padding="VALID",
+                 name="patch_embed", **kw)(x.astype(self.dtype))
+        h = h.reshape(b, gh * gw, self.hidden) + sincos_pos_embed_2d(self.hidden, gh, gw)
+        h = h.astype(self.dtype)
+
+        c = TimestepEmbedder(self.hidden, kernel_init=nn.initializers.normal(0.02),
+                             name="t_embedder", **kw)(t)
+        label = split_cond(cond, self.num_classes, b)
+        if label is not None:
+            c = c + LabelEmbedder(self.num_classes, self.hidden, self.class_dropout,
+                                  name="y_embedder", **kw)(label, train)
+
+        for i in range(self.depth):
+            h = DiTBlock(self.num_heads, self.mlp_ratio, name=f"block{i}", **kw)(h, c)
+
+        shift, scale = jnp.split(
+            dense(2 * self.hidden, ("embed", "mlp"), kernel_init=zeros, name="final_adaLN", **kw)(
+                nn.silu(c)
+            ),
+            2,
+            -1,
+        )
+        h = _modulate(_layer_norm(self.dtype, "final_norm")(h), shift, scale)
+        h = dense(p * p * out_ch, ("embed", "channels"), kernel_init=zeros, name="final", **kw)(h)
+        # Unpatchify: token (i, j) holds the p x p x C' patch at rows i*p.., columns j*p...
+        h = h.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(b, height, width, out_ch).astype(jnp.float32)
+
+
+def dit(name: str, **overrides: Any) -> DiT:
+    """A DiT of a named size, e.g. ``dit("DiT-XL/2")`` or ``dit("S/4", num_classes=10)``.
+
+    Sizes S, B, L, XL (:data:`DIT_SIZES`) with patch 2, 4 or 8; other fields
+    default to the paper's ImageNet setting (1000 classes, class dropout 0.1,
+    learned sigma) and can be overridden by keyword.
+
+    Raises:
+      InputError: for an unknown name.
+    """
+    size, _, patch = name.removeprefix("DiT-").partition("/")
+    if size not in DIT_SIZES or not patch.isdigit() or int(patch) not in DIT_PATCHES:
+        names = [f"DiT-{s}/{p}" for s in DIT_SIZES for p in DIT_PATCHES]
+        raise InputError(f"unknown DiT {name!r}; expected one of {names}.")
+    return DiT(patch=int(patch), **{**DIT_SIZES[size], **overrides})
