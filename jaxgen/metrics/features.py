@@ -1,0 +1,136 @@
+"""Inception features of uint8 images, batched, jitted and sharded over a device mesh.
+
+Each batch is padded to a fixed size (so one compilation serves the whole
+run, the last partial batch included), split over the mesh's devices, run
+through resize + Inception, and only the real rows come back. With several
+JAX processes each process feeds and receives its own rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxgen.errors import InputError
+from jaxgen.metrics.inception import InceptionV3, preprocess
+from jaxgen.parallel import batch_sharding, make_mesh, pad_batch, replicated
+
+FEATURE_KEYS = ("pool3", "logits", "spatial")
+
+
+def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
+    """Validate a uint8 NHWC batch (1 or 3 channels) and return it as an ndarray.
+
+    Raises:
+      InputError: wrong rank, dtype, channel count, or a float array with NaN.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise InputError(f"{where}: expected uint8 images [N, H, W, C], got shape {images.shape}.")
+    if images.dtype != np.uint8:
+        hint = " (contains NaN)" if images.dtype.kind == "f" and np.isnan(images).any() else ""
+        raise InputError(
+            f"{where}: expected dtype uint8, got {images.dtype}{hint}; convert model output with "
+            "floor((x + 1) * 127.5 + 0.5) clipped to [0, 255]."
+        )
+    if images.shape[-1] not in (1, 3):
+        raise InputError(
+            f"{where}: expected 1 (gray) or 3 (RGB) channels in the last axis, got "
+            f"{images.shape[-1]} (shape {images.shape}); images must be NHWC."
+        )
+    return images
+
+
+class FeatureExtractor:
+    """Runs the FID Inception on batches of uint8 NHWC images.
+
+    Args:
+      module, variables: from :func:`jaxgen.metrics.load_inception`.
+      batch_size: images per step across all processes (rounded up to a
+        multiple of the device count).
+      mesh: device mesh; default all devices.
+    """
+
+    def __init__(
+        self,
+        module: InceptionV3,
+        variables: dict,
+        *,
+        batch_size: int = 100,
+        mesh: Mesh | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+        self.module = module
+        self.mesh = mesh if mesh is not None else make_mesh()
+        n_dev = self.mesh.devices.size
+        self.batch_size = -(-batch_size // n_dev) * n_dev
+        self.local_batch = self.batch_size // jax.process_count()
+        self._data = batch_sharding(self.mesh)
+        self._variables = jax.device_put(variables, replicated(self.mesh))
+        self._fn = jax.jit(
+            lambda v, x: module.apply(v, preprocess(x)),
+            in_shardings=(replicated(self.mesh), self._data),
+            out_shardings=self._data,
+        )
+
+    def __call__(self, images: np.ndarray, where: str = "images") -> dict[str, np.ndarray]:
+        """Features of this process's images, any count (split into steps as needed)."""
+        images = check_images(images, where)
+        outs = [self._step(images[i : i + self.local_batch])
+                for i in range(0, images.shape[0], self.local_batch)]
+        if not outs:
+            raise InputError(f"{where}: no images.")
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def _step(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
+        padded, n = pad_batch(chunk, self.local_batch)
+        x = jax.make_array_from_process_local_data(self._data, padded)
+        out = self._fn(self._variables, x)
+        return {k: _local_rows(v)[:n] for k, v in out.items()}
+
+    def stream(
+        self, batches: Iterable[np.ndarray], where: str = "images"
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Features for each batch of an iterable of uint8 batches (any sizes)."""
+        for batch in batches:
+            yield self(batch, where)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded array that live on this process, in order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    rows, seen = [], set()
+    for s in shards:
+        start = s.index[0].start or 0
+        if start not in seen:  # replicas along other mesh axes hold the same rows
+            seen.add(start)
+            rows.append(np.asarray(s.data))
+    return np.concatenate(rows)
+
+
+def extract_features(
+    images: np.ndarray,
+    *,
+    batch_size: int = 100,
+    mesh: Mesh | None = None,
+    inception: tuple[InceptionV3, dict] | None = None,
+) -> dict[str, np.ndarray]:
+    """``pool3`` [N, 2048], ``spatial`` [N, 2023] and (weights permitting) ``logits`` [N, 1008].
+
+    Args:
+      images: uint8 [N, H, W, C], C in {1, 3}, any H and W.
+      batch_size: images per device step.
+      mesh: device mesh (default: all devices).
+      inception: ``(module, variables)``; default :func:`load_inception`.
+    """
+    if inception is None:
+        from jaxgen.metrics.weights import load_inception
+
+        inception = load_inception()
+    return FeatureExtractor(*inception, batch_size=batch_size, mesh=mesh)(images)
