@@ -70,7 +70,8 @@ class _Tensor:
         if data is None:
             raise InputError("a tensor refers to a storage the file never provides (corrupt file).")
         n = int(np.prod(self.size)) if self.size else 1
-        extent = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride)) + 1
+        steps = zip(self.size, self.stride, strict=True)
+        extent = self.offset + sum((s - 1) * st for s, st in steps) + 1
         if n and extent > data.shape[0]:
             raise InputError("a tensor reaches past the end of its storage (corrupt file).")
         view = np.lib.stride_tricks.as_strided(
@@ -127,7 +128,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         storage_type, key = pid[1], str(pid[2])
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"storage {key} has an unsupported type")
-        return self._storage_loader(key, storage_type.dtype, int(pid[4]), pid[5:] )
+        return self._storage_loader(key, storage_type.dtype, int(pid[4]), pid[5:])
 
 
 def _unpickle(data: bytes | io.BytesIO, storage_loader, where: str):
@@ -137,13 +138,17 @@ def _unpickle(data: bytes | io.BytesIO, storage_loader, where: str):
     except pickle.UnpicklingError as e:
         raise InputError(f"{where}: {e}.") from None
     except (EOFError, ValueError, TypeError, IndexError, KeyError, struct.error) as e:
-        raise InputError(f"{where}: not a readable PyTorch pickle ({e!r}); the file is corrupt.") from None
+        raise InputError(
+            f"{where}: not a readable PyTorch pickle ({e!r}); the file is corrupt."
+        ) from None
 
 
 def _read_zip(zf: zipfile.ZipFile, where: str):
     pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
-        raise InputError(f"{where}: zip archive without a single '<name>/data.pkl'; not a torch file.")
+        raise InputError(
+            f"{where}: zip archive without a single '<name>/data.pkl'; not a torch file."
+        )
     prefix = pkls[0][: -len("data.pkl")]
     storages: dict[str, _Storage] = {}
 

