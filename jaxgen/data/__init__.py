@@ -1,0 +1,30 @@
+"""Input pipelines: image sources (folders, arrays, IDX, TFDS) and batch iterators."""
+
+from jaxgen.data.images import RESIZE_METHODS, center_crop_resize
+from jaxgen.data.prefetch import Prefetcher
+from jaxgen.data.sources import (
+    FASHION_MNIST_DIR,
+    ArraySource,
+    FolderSource,
+    ImageSource,
+    TfdsSource,
+    check_images,
+    eval_part,
+    iterate_eval,
+    open_source,
+)
+
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "RESIZE_METHODS",
+    "ArraySource",
+    "FolderSource",
+    "ImageSource",
+    "Prefetcher",
+    "TfdsSource",
+    "center_crop_resize",
+    "check_images",
+    "eval_part",
+    "iterate_eval",
+    "open_source",
+]

@@ -1,0 +1,85 @@
+"""Decoding image files to uint8 arrays, and the one center-crop/resize rule.
+
+Mode rule (what a decoded file becomes), the same for every folder source:
+
+- gray modes stay one channel: ``L``; ``1`` (bilevel) maps to 0/255; ``LA``
+  drops its alpha; 16-bit and 32-bit integer gray (``I;16*``, ``I``) is
+  scaled to 8 bits as ``floor(v * 255 / 65535 + 0.5)``, values clipped to
+  [0, 65535] first;
+- every other mode becomes RGB through Pillow's ``convert("RGB")``: alpha
+  (``RGBA``, ``PA``, palette transparency) is dropped and the stored colour
+  kept, as pytorch-fid and clean-fid do; ``P`` expands its palette; ``CMYK``,
+  ``YCbCr``, ``LAB`` and ``HSV`` are converted by Pillow.
+
+A source whose files are all gray has one channel; one that mixes gray and
+colour files repeats gray to three channels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from jaxgen.errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+# Named resampling filters for `center_crop_resize` (Pillow's antialiased ones).
+RESIZE_METHODS = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def check_resize_method(method: str) -> None:
+    """Raise :class:`InputError` unless ``method`` is a key of :data:`RESIZE_METHODS`."""
+    if method not in RESIZE_METHODS:
+        raise InputError(
+            f"Unknown resize method {method!r}; use one of {', '.join(RESIZE_METHODS)}."
+        )
+
+
+def to_uint8(image: Image.Image, channels: int) -> np.ndarray:
+    """A decoded Pillow image as uint8 ``[H, W, channels]`` by the module's mode rule."""
+    if image.mode.startswith("I"):
+        v = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        a = np.floor(v * (255 / 65535) + 0.5).astype(np.uint8)
+    elif image.mode in GRAY_MODES:
+        a = np.asarray(image.convert("L"))
+    else:
+        a = np.asarray(image.convert("RGB"))
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.shape[2] != channels:
+        a = np.repeat(a, channels, axis=2)
+    return a
+
+
+def center_crop_resize(image: np.ndarray, resolution: int, method: str = "lanczos") -> np.ndarray:
+    """Crop the centered square of side ``min(H, W)``, then resize it to ``resolution``.
+
+    This is EDM's ``dataset_tool.py --transform=center-crop`` rule. A square
+    image of the right size is returned unchanged.
+
+    Args:
+      image: uint8 ``[H, W, C]`` with ``C`` in {1, 3}.
+      resolution: side of the square output.
+      method: a key of :data:`RESIZE_METHODS`.
+
+    Returns:
+      uint8 ``[resolution, resolution, C]``.
+    """
+    h, w, c = image.shape
+    if h == w == resolution:
+        return image
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    square = image[top : top + s, left : left + s]
+    pil = Image.fromarray(square[:, :, 0] if c == 1 else square)
+    out = np.asarray(pil.resize((resolution, resolution), RESIZE_METHODS[method]))
+    return out.reshape(resolution, resolution, c)
