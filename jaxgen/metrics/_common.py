@@ -11,7 +11,7 @@ from jaxgen.parallel import make_mesh
 
 
 def as_features(x: np.ndarray, name: str) -> np.ndarray:
-    """``x`` as a finite float32 ``[N, D]`` host array, or an :class:`InputError` naming ``name``."""
+    """``x`` as a finite float32 ``[N, D]`` array, or an :class:`InputError` naming ``name``."""
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise InputError(f"{name} must be a non-empty [N, D] feature array; got shape {x.shape}.")

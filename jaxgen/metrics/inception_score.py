@@ -11,7 +11,9 @@ from jaxgen.errors import InputError
 def _check_logits(logits: np.ndarray, name: str = "logits") -> np.ndarray:
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] < 2:
-        raise InputError(f"{name} must have shape [N, classes] with classes >= 2; got {logits.shape}.")
+        raise InputError(
+            f"{name} must have shape [N, classes] with classes >= 2; got {logits.shape}."
+        )
     logits = logits.astype(np.float64)
     if not np.all(np.isfinite(logits)):
         raise InputError(f"{name} contain NaN or inf.")

@@ -187,9 +187,7 @@ def _cross(x, sq_x, r2_x, y, sq_y, r2_y, *, block: int, mesh: Mesh):
                 return (in_prec, n_dens, real_hits), None
 
             init = (jnp.zeros(block, bool), jnp.zeros(block, jnp.int32), real_hits)
-            (in_prec, n_dens, real_hits), _ = lax.scan(
-                real_block, init, jnp.arange(0, n_x, block)
-            )
+            (in_prec, n_dens, real_hits), _ = lax.scan(real_block, init, jnp.arange(0, n_x, block))
             return real_hits, (in_prec, n_dens)
 
         real_hits, (in_prec, n_dens) = lax.scan(

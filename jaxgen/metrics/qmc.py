@@ -22,9 +22,7 @@ SOBOL_MAX_DIM = qmc.Sobol.MAXDIM  # 21201: the direction numbers scipy ships (Jo
 _BITS = 30  # scipy's default precision: each coordinate is a multiple of 2^-30
 
 
-def sobol_normal(
-    n: int, shape: tuple[int, ...], seed: int = 0, *, offset: int = 0
-) -> np.ndarray:
+def sobol_normal(n: int, shape: tuple[int, ...], seed: int = 0, *, offset: int = 0) -> np.ndarray:
     """Points ``offset .. offset + n - 1`` of a scrambled Sobol sequence, mapped to N(0, I).
 
     The sequence has one dimension per latent element, ``d = prod(shape)``;
