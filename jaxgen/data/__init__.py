@@ -1,6 +1,7 @@
 """Input pipelines: image sources (folders, arrays, IDX, TFDS) and batch iterators."""
 
 from jaxgen.data.images import RESIZE_METHODS, center_crop_resize
+from jaxgen.data.pipeline import TrainIterator, global_positions, to_model_space
 from jaxgen.data.prefetch import Prefetcher
 from jaxgen.data.sources import (
     FASHION_MNIST_DIR,
@@ -22,9 +23,12 @@ __all__ = [
     "ImageSource",
     "Prefetcher",
     "TfdsSource",
+    "TrainIterator",
     "center_crop_resize",
     "check_images",
     "eval_part",
+    "global_positions",
     "iterate_eval",
     "open_source",
+    "to_model_space",
 ]
