@@ -3,9 +3,9 @@
 Mode rule (what a decoded file becomes), the same for every folder source:
 
 - gray modes stay one channel: ``L``; ``1`` (bilevel) maps to 0/255; ``LA``
-  drops its alpha; 16-bit and 32-bit integer gray (``I;16*``, ``I``) is
-  scaled to 8 bits as ``floor(v * 255 / 65535 + 0.5)``, values clipped to
-  [0, 65535] first;
+  drops its alpha; 16-bit integer gray (``I;16*``, and ``I`` clipped to
+  [0, 65535]) keeps its high byte, ``v >> 8``, as libpng's ``strip_16`` and
+  Pillow's own reading of 16-bit RGB PNGs do;
 - every other mode becomes RGB through Pillow's ``convert("RGB")``: alpha
   (``RGBA``, ``PA``, palette transparency) is dropped and the stored colour
   kept, as pytorch-fid and clean-fid do; ``P`` expands its palette; ``CMYK``,
@@ -47,8 +47,9 @@ def check_resize_method(method: str) -> None:
 def to_uint8(image: Image.Image, channels: int) -> np.ndarray:
     """A decoded Pillow image as uint8 ``[H, W, channels]`` by the module's mode rule."""
     if image.mode.startswith("I"):
-        v = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
-        a = np.floor(v * (255 / 65535) + 0.5).astype(np.uint8)
+        a = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+    elif image.mode in ("L", "RGB"):
+        a = np.asarray(image)
     elif image.mode in GRAY_MODES:
         a = np.asarray(image.convert("L"))
     else:
