@@ -88,6 +88,7 @@ def test_resume_mid_epoch_reproduces_the_remaining_batches(tmp_path):
     _take(it, 2)
     state = it.get_state()
     assert state == {"step": 2, "seed": 7, "num_examples": 12, "batch_size": 4}
+    assert it.epoch == 8 / 12
     del it
     resumed = data.TrainIterator(src, 4, **kw, state=state)
     for want, got in zip(full[2:], _take(resumed, 6), strict=True):

@@ -200,17 +200,17 @@ class TrainIterator(Iterator):
                     "use pad_to >= the image size, or resolution to shrink them."
                 )
         self._plan = _Plan(
-            source,
-            batch_size,
-            seed,
-            self.process_index,
-            self.process_count,
-            flip,
-            resolution,
-            resize_method,
-            pad_to,
-            with_labels,
-            mesh,
+            source=source,
+            batch_size=batch_size,
+            seed=seed,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            flip=flip,
+            resolution=resolution,
+            resize_method=resize_method,
+            pad_to=pad_to,
+            with_labels=with_labels,
+            mesh=mesh,
         )
         self._step = 0
         if state is not None:
@@ -225,6 +225,11 @@ class TrainIterator(Iterator):
     def step(self) -> int:
         """Number of batches consumed so far."""
         return self._step
+
+    @property
+    def epoch(self) -> float:
+        """Epochs consumed so far (fractional), for logging."""
+        return self._step * self.batch_size / len(self.source)
 
     def get_state(self) -> dict[str, int]:
         """The iterator's position, JSON-serialisable, for the training checkpoint."""
