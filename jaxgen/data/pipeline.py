@@ -264,7 +264,11 @@ class TrainIterator(Iterator):
             plan, start = self._plan, self._step
             make = lambda: (plan.batch(s) for s in range(start, 2**62))
             self._batches = Prefetcher(make, self._prefetch) if self._prefetch > 0 else make()
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except BaseException:
+            self.close()  # a later `next` retries this step rather than ending the stream
+            raise
         self._step += 1
         return batch
 
