@@ -374,6 +374,8 @@ def test_tfds_bad_names_and_splits(tiny_tfds, tmp_path):
     data_dir, _ = tiny_tfds
     with pytest.raises(InputError, match=r"validation.*pick one of"):
         data.open_source("tfds:jaxgen_tiny_images:validation", tfds_data_dir=data_dir)
+    with pytest.raises(InputError, match=r"train\[5:\].*split is empty"):
+        data.open_source("tfds:jaxgen_tiny_images:train[5:]", tfds_data_dir=data_dir)
     with pytest.raises(InputError, match=r"tfds:no_such_dataset_xyz:train: no TFDS dataset"):
         data.open_source("tfds:no_such_dataset_xyz", tfds_data_dir=str(tmp_path))
     with pytest.raises(InputError, match="not prepared"):

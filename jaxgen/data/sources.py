@@ -410,11 +410,12 @@ class TfdsSource(ImageSource):
             else None
         )
         try:
-            self._ds = builder.as_data_source(split=split)
+            num_examples = builder.info.splits[split].num_examples
         except (ValueError, KeyError) as e:
             raise InputError(f"{name}: {e}; pick one of {list(builder.info.splits)}.") from e
-        if len(self._ds) == 0:
+        if num_examples == 0:
             raise InputError(f"{name}: the split is empty; pick another split or slice.")
+        self._ds = builder.as_data_source(split=split)
         self._labels: np.ndarray | None = None
         self._labels_lock = threading.Lock()
 
