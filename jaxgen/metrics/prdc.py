@@ -33,17 +33,20 @@ Numerics. Distances use d^2 = |x|^2 + |y|^2 - 2 x.y with a float32 matmul at
 the mean of both sets (translation leaves distances unchanged and shrinks
 |x|^2, hence the rounding). A float32 dot product of length D errs by at
 most gamma_D |x||y| with gamma_D = D u / (1 - D u), u = 2^-24 (Higham,
-"Accuracy and Stability of Numerical Algorithms", eq. 3.5), so each computed
-d^2 is within delta(x, y) = gamma_{D+2} (|x| + |y|)^2 of the exact one, and
-so is each radius^2, which is one of those d^2. A comparison ``d^2 < r^2``
-can therefore differ from exact arithmetic only when the exact values lie
-within delta of each other; every such pair changes one count by at most
-1/M or 1/N (1/(kM) for density). This bound is what the tests allow against
-a float64 reference, and their data are checked to contain no such pair.
-With the same features every device computes every tile with the same
-shapes, so the results do not depend on the device count; another block
-size changes which tile computes a distance, and so at most the rounding
-described above.
+"Accuracy and Stability of Numerical Algorithms", eq. 3.5), so every
+computed d^2 is within Delta = 4 gamma_{D+2} max|x|^2 of the exact one, and
+so is every radius^2 (an order statistic moves no more than the values it
+is taken from). A comparison ``d^2 < r^2`` can therefore differ from exact
+arithmetic only for pairs whose exact d^2 lies within 2 Delta of the radius^2;
+each such pair moves one count by at most 1/M or 1/N (1/(kM) for
+density). The bound is worst-case (typical errors are ~sqrt(D) u |x||y|),
+and such near-ties have probability ~0 for continuous features. The centre
+is the mean rounded to 8 bits below its largest coordinate: as good as the
+mean for rounding, and features on a coarse grid (small integers) stay
+exact, so the tests can demand the exact counts of a float64 reference,
+ties included. Each device computes each tile with the same shapes, so
+results do not depend on the device count; another block size changes
+which tile computes a distance, so at most the rounding above.
 """
 
 from __future__ import annotations
@@ -123,10 +126,16 @@ def _knn_sq(x, sq, pairs, *, n: int, k: int, block: int, mesh: Mesh) -> jax.Arra
     )(x, sq, pairs)
 
 
+def _fit_block(n: int, block: int) -> int:
+    """The smallest multiple of 8 that covers ``n`` rows in as many tiles as ``block`` would."""
+    tiles = -(-n // block)
+    return -(-n // (8 * tiles)) * 8
+
+
 def _knn_radii_sq(x: np.ndarray, k: int, block: int, mesh: Mesh) -> np.ndarray:
     """``[N, k]`` squared distances to the 1st..k-th nearest other row of centred ``x``."""
     n = x.shape[0]
-    block = min(block, -(-n // 8) * 8)
+    block = _fit_block(n, block)
     xp, _ = pad_batch(x, block)
     nb = xp.shape[0] // block
     pairs = np.asarray([(i, j, 1) for i in range(nb) for j in range(i, nb)], np.int32)
@@ -146,8 +155,8 @@ def _knn_radii_sq(x: np.ndarray, k: int, block: int, mesh: Mesh) -> np.ndarray:
     return np.asarray(out)[:n]
 
 
-@functools.partial(jax.jit, static_argnames=("block", "mesh"))
-def _cross(x, sq_x, r2_x, y, sq_y, r2_y, *, block: int, mesh: Mesh):
+@functools.partial(jax.jit, static_argnames=("block_x", "block_y", "mesh"))
+def _cross(x, sq_x, r2_x, y, sq_y, r2_y, *, block_x: int, block_y: int, mesh: Mesh):
     """Counts of real ``x`` vs fake ``y`` (see the module docstring).
 
     ``r2_x`` is ``[Nr, 2]``: real radii^2 for precision and for density/coverage;
@@ -164,34 +173,36 @@ def _cross(x, sq_x, r2_x, y, sq_y, r2_y, *, block: int, mesh: Mesh):
         n_x = x.shape[0]
 
         def fake_block(real_hits, b):
-            yb = lax.dynamic_slice_in_dim(y, b, block)
-            sq_yb = lax.dynamic_slice_in_dim(sq_y, b, block)
-            r2_yb = lax.dynamic_slice_in_dim(r2_y, b, block)
+            yb = lax.dynamic_slice_in_dim(y, b, block_y)
+            sq_yb = lax.dynamic_slice_in_dim(sq_y, b, block_y)
+            r2_yb = lax.dynamic_slice_in_dim(r2_y, b, block_y)
 
             def real_block(carry, a):
                 in_prec, n_dens, real_hits = carry
                 d2 = _sq_dist(
-                    lax.dynamic_slice_in_dim(x, a, block),
-                    lax.dynamic_slice_in_dim(sq_x, a, block),
+                    lax.dynamic_slice_in_dim(x, a, block_x),
+                    lax.dynamic_slice_in_dim(sq_x, a, block_x),
                     yb,
                     sq_yb,
                 )
-                r2 = lax.dynamic_slice_in_dim(r2_x, a, block)
+                r2 = lax.dynamic_slice_in_dim(r2_x, a, block_x)
                 in_real_pr = d2 < r2[:, :1]
                 in_real_dc = d2 < r2[:, 1:]
                 in_prec = in_prec | in_real_pr.any(axis=0)
                 n_dens = n_dens + in_real_dc.sum(axis=0, dtype=jnp.int32)
                 hits = jnp.stack([(d2 < r2_yb[None, :]).any(axis=1), in_real_dc.any(axis=1)], 1)
-                cur = lax.dynamic_slice_in_dim(real_hits, a, block)
+                cur = lax.dynamic_slice_in_dim(real_hits, a, block_x)
                 real_hits = lax.dynamic_update_slice_in_dim(real_hits, cur | hits, a, 0)
                 return (in_prec, n_dens, real_hits), None
 
-            init = (jnp.zeros(block, bool), jnp.zeros(block, jnp.int32), real_hits)
-            (in_prec, n_dens, real_hits), _ = lax.scan(real_block, init, jnp.arange(0, n_x, block))
+            init = (jnp.zeros(block_y, bool), jnp.zeros(block_y, jnp.int32), real_hits)
+            (in_prec, n_dens, real_hits), _ = lax.scan(
+                real_block, init, jnp.arange(0, n_x, block_x)
+            )
             return real_hits, (in_prec, n_dens)
 
         real_hits, (in_prec, n_dens) = lax.scan(
-            fake_block, jnp.zeros((n_x, 2), bool), jnp.arange(0, y.shape[0], block)
+            fake_block, jnp.zeros((n_x, 2), bool), jnp.arange(0, y.shape[0], block_y)
         )
         real_hits = lax.psum(real_hits.astype(jnp.int32), axes) > 0
         return in_prec.reshape(-1), n_dens.reshape(-1), real_hits
@@ -204,6 +215,17 @@ def _cross(x, sq_x, r2_x, y, sq_y, r2_y, *, block: int, mesh: Mesh):
         out_specs=(sharded, sharded, PartitionSpec()),
         check_vma=False,
     )(x, sq_x, r2_x, y, sq_y, r2_y)
+
+
+def _centred(f_real: np.ndarray, f_fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both sets minus their joint mean rounded to a grid 2^-8 of its largest coordinate."""
+    mean = (f_real.sum(0, dtype=np.float64) + f_fake.sum(0, dtype=np.float64)) / (
+        f_real.shape[0] + f_fake.shape[0]
+    )
+    top = np.abs(mean).max()
+    q = 2.0 ** (np.ceil(np.log2(top)) - 8) if top > 0 else 1.0
+    center = (np.round(mean / q) * q).astype(np.float32)
+    return f_real - center, f_fake - center
 
 
 def _check_k(k: int, n: int, name: str, arg: str) -> None:
@@ -262,9 +284,7 @@ def prdc(
         raise InputError(f"prdc: block_size={block_size} must be >= 1.")
     mesh = local_mesh(mesh)
 
-    center = np.concatenate([f_real, f_fake]).mean(axis=0, dtype=np.float64)
-    x = (f_real - center).astype(np.float32)
-    y = (f_fake - center).astype(np.float32)
+    x, y = _centred(f_real, f_fake)
 
     ks = [k for k in (k_pr, k_dc) if k is not None]
     knn_x = _knn_radii_sq(x, max(ks), block_size, mesh)
@@ -275,11 +295,10 @@ def prdc(
         else np.full(n_fake, -np.inf, np.float32)
     )
 
-    block_x = min(block_size, -(-n_real // 8) * 8)
-    block_y = min(block_size, -(-n_fake // (8 * mesh.size)) * 8)
-    block = min(block_x, block_y)
-    xp, _ = pad_batch(x, block)
-    yp, _ = pad_batch(y, block * mesh.size)
+    block_x = _fit_block(n_real, block_size)
+    block_y = _fit_block(-(-n_fake // mesh.size), block_size)
+    xp, _ = pad_batch(x, block_x)
+    yp, _ = pad_batch(y, block_y * mesh.size)
     # Padding rows repeat row 0; radii^2 of -inf keep them out of every count.
     r2_xp = np.full((xp.shape[0], 2), -np.inf, np.float32)
     r2_xp[:n_real] = r2_x
@@ -293,7 +312,8 @@ def prdc(
         jax.device_put(yp, shard),
         jax.device_put(np.einsum("nd,nd->n", yp, yp), shard),
         jax.device_put(r2_yp, shard),
-        block=block,
+        block_x=block_x,
+        block_y=block_y,
         mesh=mesh,
     )
     in_prec = np.asarray(in_prec)[:n_fake]
