@@ -110,14 +110,16 @@ class _Plan:
         r = self.resolution
         if r is not None and images.shape[1:3] != (r, r):
             images = np.stack([center_crop_resize(im, r, self.resize_method) for im in images])
-        if self.flip:
-            images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+        if self.flip and flips.any():
+            if not images.flags.owndata or not images.flags.writeable:
+                images = images.copy()  # never write into a source's own memory
+            images[flips] = images[flips][:, :, ::-1]
         if self.pad_to is not None:
             h, w = images.shape[1:3]
             top, left = (self.pad_to - h) // 2, (self.pad_to - w) // 2
             pad = ((0, 0), (top, self.pad_to - h - top), (left, self.pad_to - w - left), (0, 0))
             images = np.pad(images, pad)
-        return np.ascontiguousarray(images)
+        return images
 
 
 class TrainIterator(Iterator):
