@@ -11,13 +11,15 @@
 - an IDX file (``*-idx3-ubyte`` or ``*-idx3-ubyte.gz``, the MNIST format),
   with labels from the sibling ``*-labels-idx1-ubyte[.gz]`` when present;
 - ``tfds:NAME[:SPLIT]`` (``NAME`` may carry ``/config`` and ``:x.y.z``),
-  read through ``tfds`` random-access data sources (array_record);
+  read through ``tfds`` random-access data sources (array_record), images
+  decoded by jaxgen like files;
 - ``fashion_mnist[:SPLIT]`` and ``tfds:fashion_mnist[:SPLIT]``: Debian's
   ``dataset-fashion-mnist`` copy at :data:`FASHION_MNIST_DIR` when present,
   TFDS otherwise; the source's ``name`` says which.
 
 The split defaults to ``train``. How colour modes and bit depths of image
-files become uint8 arrays is the rule in :mod:`jaxgen.data.images`. Every bad
+files become uint8 arrays is the rule in :mod:`jaxgen.data.images`; decoding
+and resizing run in a shared thread pool. Every bad
 input raises :class:`jaxgen.errors.InputError` naming the file or spec and
 the fix.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import gzip
+import io
 import os
 import re
 import struct
@@ -34,7 +37,7 @@ import threading
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,13 @@ _FASHION_SPEC = re.compile(r"^fashion_mnist(?::(?P<split>.+))?$")
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+def _map(fn: Callable, items: Sequence) -> list:
+    """``[fn(x) for x in items]`` in the shared thread pool (Pillow releases the GIL)."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    return list(_thread_pool().map(fn, items))
 
 
 def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -117,7 +127,7 @@ def _stack(
 ) -> np.ndarray:
     """Stack decoded ``[H, W, C]`` images, center-cropping/resizing them when asked."""
     if resolution is not None:
-        images = [center_crop_resize(im, resolution, method) for im in images]
+        images = _map(lambda im: center_crop_resize(im, resolution, method), images)
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise InputError(
@@ -242,15 +252,16 @@ def _probe(path: Path, full: bool) -> tuple[tuple[int, int], str] | str:
         return f"{type(e).__name__}: {e}"
 
 
-def _decode(path: Path, channels: int) -> np.ndarray:
+def _decode(
+    file: Path | bytes, channels: int, resolution: int | None, method: str, name: str, fix: str
+) -> np.ndarray:
+    """Decode an image file (path or encoded bytes) by the mode rule, then crop/resize it."""
     try:
-        with Image.open(path) as im:
-            return to_uint8(im, channels)
+        with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
+            image = to_uint8(im, channels)
     except Exception as e:  # as in _probe
-        raise InputError(
-            f"{path}: cannot decode image ({type(e).__name__}: {e}); remove it, or open the "
-            "folder with skip_corrupt=True, which decodes every file up front and skips bad ones."
-        ) from e
+        raise InputError(f"{name}: cannot decode image ({type(e).__name__}: {e}); {fix}.") from e
+    return image if resolution is None else center_crop_resize(image, resolution, method)
 
 
 class FolderSource(ImageSource):
@@ -348,8 +359,12 @@ class FolderSource(ImageSource):
     def read_with_labels(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         indices = np.asarray(indices, dtype=np.int64)
         paths = [self.files[i] for i in indices]
-        decoded = list(_thread_pool().map(lambda p: _decode(p, self._channels), paths))
-        images = _stack(decoded, self._resolution, self._method, self.name, self._shape)
+        fix = (
+            "remove it, or open the folder with skip_corrupt=True, which decodes every file up "
+            "front and skips bad ones"
+        )
+        decode = lambda p: _decode(p, self._channels, self._resolution, self._method, p, fix)
+        images = _stack(_map(decode, paths), None, self._method, self.name, self._shape)
         return images, None if self._labels is None else self._labels[indices]
 
 
@@ -415,7 +430,11 @@ class TfdsSource(ImageSource):
             raise InputError(f"{name}: {e}; pick one of {list(builder.info.splits)}.") from e
         if num_examples == 0:
             raise InputError(f"{name}: the split is empty; pick another split or slice.")
-        self._ds = builder.as_data_source(split=split)
+        # Images come back encoded and are decoded in the thread pool by the same mode
+        # rule as files (TFDS itself would decode them one by one in this thread).
+        self._ds = builder.as_data_source(
+            split=split, decoders={self._image_key: tfds.decode.SkipDecoding()}
+        )
         self._labels: np.ndarray | None = None
         self._labels_lock = threading.Lock()
 
@@ -431,23 +450,27 @@ class TfdsSource(ImageSource):
         """Labels of the whole split, read once on first use (a pass over the records)."""
         if self._label_key is None:
             return None
-        import tensorflow_datasets as tfds
-
         with self._labels_lock:
             if self._labels is None:
-                ds = self._builder.as_data_source(
-                    split=self._split, decoders={self._image_key: tfds.decode.SkipDecoding()}
-                )
-                self._labels = np.array(
-                    [r[self._label_key] for r in _get_items(ds, range(len(ds)))], dtype=np.int32
-                )
+                records = _get_items(self._ds, range(len(self._ds)))
+                self._labels = np.array([r[self._label_key] for r in records], dtype=np.int32)
         return self._labels
 
     def read_with_labels(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        records = _get_items(self._ds, [int(i) for i in indices])
-        decoded = [_fix_channels(r[self._image_key], self._channels) for r in records]
+        indices = [int(i) for i in indices]
+        records = _get_items(self._ds, indices)
+        fix = "the prepared data is corrupt; prepare the dataset again"
+        decode = lambda ir: _decode(
+            ir[1][self._image_key],
+            self._channels,
+            self._resolution,
+            self._method,
+            f"{self.name} example {ir[0]}",
+            fix,
+        )
+        decoded = _map(decode, list(zip(indices, records, strict=True)))
         empty = self._shape or (0, 0, self._channels)
-        images = _stack(decoded, self._resolution, self._method, self.name, empty)
+        images = _stack(decoded, None, self._method, self.name, empty)
         if self._label_key is None:
             return images, None
         return images, np.array([r[self._label_key] for r in records], dtype=np.int32)
@@ -456,14 +479,6 @@ class TfdsSource(ImageSource):
 def _get_items(ds, indices: Sequence[int]) -> list:
     getitems = getattr(ds, "__getitems__", None)
     return list(getitems(list(indices))) if getitems else [ds[i] for i in indices]
-
-
-def _fix_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    image = np.asarray(image, dtype=np.uint8)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    image = image[:, :, :3]
-    return np.repeat(image, channels, axis=2) if image.shape[2] != channels else image
 
 
 def _read_idx(path: Path) -> np.ndarray:
