@@ -361,6 +361,7 @@ def test_tfds_source_reads_array_record_offline(tiny_tfds):
     images, labels = src.read_with_labels(np.array([2, 0, 1]))
     np.testing.assert_array_equal(_by_first_pixel(images), splits["test"])
     np.testing.assert_array_equal(labels, images[:, 0, 0, 0] % 3)
+    assert src.has_labels and src._labels is None  # read lazily
     np.testing.assert_array_equal(src.labels[[2, 0, 1]], labels)
     np.testing.assert_array_equal(src.read([1, 2]), images[[2, 0]])
     train = data.open_source("tfds:jaxgen_tiny_images", tfds_data_dir=data_dir, resolution=4)
@@ -368,6 +369,22 @@ def test_tfds_source_reads_array_record_offline(tiny_tfds):
     full = data.open_source("tfds:jaxgen_tiny_images:1.0.0:train", tfds_data_dir=data_dir)
     sliced = data.open_source("tfds:jaxgen_tiny_images:1.0.0:train[1:3]", tfds_data_dir=data_dir)
     np.testing.assert_array_equal(sliced.read([0, 1]), full.read([1, 2]))
+
+
+def test_tfds_source_feeds_the_training_iterator(tiny_tfds):
+    data_dir, splits = tiny_tfds
+    src = data.open_source("tfds:jaxgen_tiny_images:train", tfds_data_dir=data_dir)
+    it = data.TrainIterator(src, 5, seed=0, with_labels=True, flip=True, pad_to=10)
+    batch = next(it)
+    assert batch["image"].shape == (5, 10, 10, 3)
+    center = batch["image"][:, 1:9, 1:9]
+    train = splits["train"]
+    ids = [
+        next(j for j in range(5) if (x == train[j]).all() or (x[:, ::-1] == train[j]).all())
+        for x in center
+    ]
+    np.testing.assert_array_equal(np.sort(ids), np.arange(5))
+    np.testing.assert_array_equal(batch["label"], np.array(ids) % 3)
 
 
 def test_tfds_bad_names_and_splits(tiny_tfds, tmp_path):

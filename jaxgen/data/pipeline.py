@@ -188,7 +188,7 @@ class TrainIterator(Iterator):
             raise InputError(
                 f"batch_size={batch_size} must be a multiple of the mesh's {mesh.size} devices."
             )
-        if with_labels and source.labels is None:
+        if with_labels and not source.has_labels:
             raise InputError(
                 f"{source.name}: with_labels=True but the source has no labels (for a folder, "
                 "pass labels_from_folders=True)."

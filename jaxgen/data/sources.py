@@ -110,6 +110,11 @@ class ImageSource(abc.ABC):
     def image_shape(self) -> tuple[int, int, int] | None:
         """``(H, W, C)`` of every image, or ``None`` when only known once read."""
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the images have labels (without reading them)."""
+        return self.labels is not None
+
     def read(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
         """uint8 ``[len(indices), H, W, C]`` with ``C`` in {1, 3}, in the order of ``indices``."""
         return self.read_with_labels(np.asarray(indices, dtype=np.int64))[0]
@@ -444,6 +449,10 @@ class TfdsSource(ImageSource):
     @property
     def image_shape(self) -> tuple[int, int, int] | None:
         return self._shape
+
+    @property
+    def has_labels(self) -> bool:
+        return self._label_key is not None
 
     @property
     def labels(self) -> np.ndarray | None:
