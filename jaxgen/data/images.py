@@ -12,7 +12,8 @@ Mode rule (what a decoded file becomes), the same for every folder source:
   ``YCbCr``, ``LAB`` and ``HSV`` are converted by Pillow.
 
 A source whose files are all gray has one channel; one that mixes gray and
-colour files repeats gray to three channels.
+colour files repeats gray to three channels. EXIF orientation tags are not
+applied (pixels are read as stored, as pytorch-fid and clean-fid read them).
 """
 
 from __future__ import annotations
