@@ -40,13 +40,21 @@ is taken from). A comparison ``d^2 < r^2`` can therefore differ from exact
 arithmetic only for pairs whose exact d^2 lies within 2 Delta of the radius^2;
 each such pair moves one count by at most 1/M or 1/N (1/(kM) for
 density). The bound is worst-case (typical errors are ~sqrt(D) u |x||y|),
-and such near-ties have probability ~0 for continuous features. The centre
-is the mean rounded to 8 bits below its largest coordinate: as good as the
-mean for rounding, and features on a coarse grid (small integers) stay
-exact, so the tests can demand the exact counts of a float64 reference,
-ties included. Each device computes each tile with the same shapes, so
-results do not depend on the device count; another block size changes
-which tile computes a distance, so at most the rounding above.
+and such near-ties have probability ~0 for continuous features.
+
+Exact ties do occur: a fake sample that copies a real one (memorisation),
+or identical sets, puts fake points exactly on real k-NN radii. Every pass
+uses one tile shape and the norms are computed once, so a pair of vectors
+gets the same computed d^2 in whichever tile, row or column it falls: a
+GEMM sums every output over D in the same order, and x.y = y.x product by
+product. Those ties are then decided as in exact arithmetic (outside the
+strict ball), on any mesh and block size; the tests check this against
+float64. The centre is the mean rounded to 8 bits below its largest
+coordinate: as good as the mean for rounding, and features on a coarse grid
+(small integers) stay exact, so the tests can demand the counts of a
+float64 reference exactly. Each device computes each tile with the same
+shapes, so results do not depend on the device count; another block size
+changes which tile computes a distance, so at most the rounding above.
 """
 
 from __future__ import annotations
@@ -126,17 +134,24 @@ def _knn_sq(x, sq, pairs, *, n: int, k: int, block: int, mesh: Mesh) -> jax.Arra
     )(x, sq, pairs)
 
 
-def _fit_block(n: int, block: int) -> int:
-    """The smallest multiple of 8 that covers ``n`` rows in as many tiles as ``block`` would."""
+def _tile_size(n: int, block: int) -> int:
+    """The smallest multiple of 32 that covers ``n`` rows in as many tiles as ``block`` would."""
     tiles = -(-n // block)
-    return -(-n // (8 * tiles)) * 8
+    return -(-n // (32 * tiles)) * 32
 
 
-def _knn_radii_sq(x: np.ndarray, k: int, block: int, mesh: Mesh) -> np.ndarray:
+def _sq_norms(x: np.ndarray) -> np.ndarray:
+    """|x|^2 per row: float32 squares are exact in float64, so this is |x|^2 rounded once."""
+    return np.concatenate(
+        [np.square(c, dtype=np.float64).sum(1) for c in np.array_split(x, -(-len(x) // 4096))]
+    ).astype(np.float32)
+
+
+def _knn_radii_sq(x: np.ndarray, sq: np.ndarray, k: int, block: int, mesh: Mesh) -> np.ndarray:
     """``[N, k]`` squared distances to the 1st..k-th nearest other row of centred ``x``."""
     n = x.shape[0]
-    block = _fit_block(n, block)
     xp, _ = pad_batch(x, block)
+    sqp, _ = pad_batch(sq, block)
     nb = xp.shape[0] // block
     pairs = np.asarray([(i, j, 1) for i in range(nb) for j in range(i, nb)], np.int32)
     per = -(-len(pairs) // mesh.size)
@@ -145,7 +160,7 @@ def _knn_radii_sq(x: np.ndarray, k: int, block: int, mesh: Mesh) -> np.ndarray:
     pairs = pairs.reshape(per, mesh.size, 3).transpose(1, 0, 2).reshape(-1, 3)
     out = _knn_sq(
         jax.device_put(xp, replicated(mesh)),
-        jax.device_put(np.einsum("nd,nd->n", xp, xp), replicated(mesh)),
+        jax.device_put(sqp, replicated(mesh)),
         jax.device_put(pairs, batch_sharding(mesh)),
         n=n,
         k=k,
@@ -155,8 +170,8 @@ def _knn_radii_sq(x: np.ndarray, k: int, block: int, mesh: Mesh) -> np.ndarray:
     return np.asarray(out)[:n]
 
 
-@functools.partial(jax.jit, static_argnames=("block_x", "block_y", "mesh"))
-def _cross(x, sq_x, r2_x, y, sq_y, r2_y, *, block_x: int, block_y: int, mesh: Mesh):
+@functools.partial(jax.jit, static_argnames=("block", "mesh"))
+def _cross(x, sq_x, r2_x, y, sq_y, r2_y, *, block: int, mesh: Mesh):
     """Counts of real ``x`` vs fake ``y`` (see the module docstring).
 
     ``r2_x`` is ``[Nr, 2]``: real radii^2 for precision and for density/coverage;
@@ -173,36 +188,34 @@ def _cross(x, sq_x, r2_x, y, sq_y, r2_y, *, block_x: int, block_y: int, mesh: Me
         n_x = x.shape[0]
 
         def fake_block(real_hits, b):
-            yb = lax.dynamic_slice_in_dim(y, b, block_y)
-            sq_yb = lax.dynamic_slice_in_dim(sq_y, b, block_y)
-            r2_yb = lax.dynamic_slice_in_dim(r2_y, b, block_y)
+            yb = lax.dynamic_slice_in_dim(y, b, block)
+            sq_yb = lax.dynamic_slice_in_dim(sq_y, b, block)
+            r2_yb = lax.dynamic_slice_in_dim(r2_y, b, block)
 
             def real_block(carry, a):
                 in_prec, n_dens, real_hits = carry
                 d2 = _sq_dist(
-                    lax.dynamic_slice_in_dim(x, a, block_x),
-                    lax.dynamic_slice_in_dim(sq_x, a, block_x),
+                    lax.dynamic_slice_in_dim(x, a, block),
+                    lax.dynamic_slice_in_dim(sq_x, a, block),
                     yb,
                     sq_yb,
                 )
-                r2 = lax.dynamic_slice_in_dim(r2_x, a, block_x)
+                r2 = lax.dynamic_slice_in_dim(r2_x, a, block)
                 in_real_pr = d2 < r2[:, :1]
                 in_real_dc = d2 < r2[:, 1:]
                 in_prec = in_prec | in_real_pr.any(axis=0)
                 n_dens = n_dens + in_real_dc.sum(axis=0, dtype=jnp.int32)
                 hits = jnp.stack([(d2 < r2_yb[None, :]).any(axis=1), in_real_dc.any(axis=1)], 1)
-                cur = lax.dynamic_slice_in_dim(real_hits, a, block_x)
+                cur = lax.dynamic_slice_in_dim(real_hits, a, block)
                 real_hits = lax.dynamic_update_slice_in_dim(real_hits, cur | hits, a, 0)
                 return (in_prec, n_dens, real_hits), None
 
-            init = (jnp.zeros(block_y, bool), jnp.zeros(block_y, jnp.int32), real_hits)
-            (in_prec, n_dens, real_hits), _ = lax.scan(
-                real_block, init, jnp.arange(0, n_x, block_x)
-            )
+            init = (jnp.zeros(block, bool), jnp.zeros(block, jnp.int32), real_hits)
+            (in_prec, n_dens, real_hits), _ = lax.scan(real_block, init, jnp.arange(0, n_x, block))
             return real_hits, (in_prec, n_dens)
 
         real_hits, (in_prec, n_dens) = lax.scan(
-            fake_block, jnp.zeros((n_x, 2), bool), jnp.arange(0, y.shape[0], block_y)
+            fake_block, jnp.zeros((n_x, 2), bool), jnp.arange(0, y.shape[0], block)
         )
         real_hits = lax.psum(real_hits.astype(jnp.int32), axes) > 0
         return in_prec.reshape(-1), n_dens.reshape(-1), real_hits
@@ -285,35 +298,32 @@ def prdc(
     mesh = local_mesh(mesh)
 
     x, y = _centred(f_real, f_fake)
+    sq_x, sq_y = _sq_norms(x), _sq_norms(y)
+    # One tile shape for every pass, so that a pair of vectors gets the same computed d^2
+    # in whichever tile it falls (see the module docstring on ties).
+    block = _tile_size(min(n_real, -(-n_fake // mesh.size)), block_size)
 
-    ks = [k for k in (k_pr, k_dc) if k is not None]
-    knn_x = _knn_radii_sq(x, max(ks), block_size, mesh)
+    knn_x = _knn_radii_sq(x, sq_x, max(k for k in (k_pr, k_dc) if k is not None), block, mesh)
     r2_x = np.stack([knn_x[:, (k_pr or k_dc) - 1], knn_x[:, (k_dc or k_pr) - 1]], axis=1)
     r2_y = (
-        _knn_radii_sq(y, k_pr, block_size, mesh)[:, -1]
+        _knn_radii_sq(y, sq_y, k_pr, block, mesh)[:, -1]
         if k_pr is not None
         else np.full(n_fake, -np.inf, np.float32)
     )
 
-    block_x = _fit_block(n_real, block_size)
-    block_y = _fit_block(-(-n_fake // mesh.size), block_size)
-    xp, _ = pad_batch(x, block_x)
-    yp, _ = pad_batch(y, block_y * mesh.size)
     # Padding rows repeat row 0; radii^2 of -inf keep them out of every count.
-    r2_xp = np.full((xp.shape[0], 2), -np.inf, np.float32)
-    r2_xp[:n_real] = r2_x
-    r2_yp = np.full(yp.shape[0], -np.inf, np.float32)
-    r2_yp[:n_fake] = r2_y
+    pad_x, pad_y = (-n_real) % block, (-n_fake) % (block * mesh.size)
+    r2_x = np.pad(r2_x, ((0, pad_x), (0, 0)), constant_values=-np.inf)
+    r2_y = np.pad(r2_y, (0, pad_y), constant_values=-np.inf)
     rep, shard = replicated(mesh), batch_sharding(mesh)
     in_prec, n_dens, real_hits = _cross(
-        jax.device_put(xp, rep),
-        jax.device_put(np.einsum("nd,nd->n", xp, xp), rep),
-        jax.device_put(r2_xp, rep),
-        jax.device_put(yp, shard),
-        jax.device_put(np.einsum("nd,nd->n", yp, yp), shard),
-        jax.device_put(r2_yp, shard),
-        block_x=block_x,
-        block_y=block_y,
+        jax.device_put(pad_batch(x, block)[0], rep),
+        jax.device_put(pad_batch(sq_x, block)[0], rep),
+        jax.device_put(r2_x, rep),
+        jax.device_put(pad_batch(y, block * mesh.size)[0], shard),
+        jax.device_put(pad_batch(sq_y, block * mesh.size)[0], shard),
+        jax.device_put(r2_y, shard),
+        block=block,
         mesh=mesh,
     )
     in_prec = np.asarray(in_prec)[:n_fake]
