@@ -10,12 +10,12 @@ from jaxgen.errors import InputError
 from jaxgen.parallel import make_mesh
 
 
-def as_features(x: np.ndarray, name: str) -> np.ndarray:
-    """``x`` as a finite float32 ``[N, D]`` array, or an :class:`InputError` naming ``name``."""
+def as_features(x: np.ndarray, name: str, dtype: type = np.float32) -> np.ndarray:
+    """``x`` as a finite ``[N, D]`` ``dtype`` array, or an :class:`InputError` naming ``name``."""
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise InputError(f"{name} must be a non-empty [N, D] feature array; got shape {x.shape}.")
-    x = x.astype(np.float32, copy=False)
+    x = x.astype(dtype, copy=False)
     if not np.all(np.isfinite(x)):
         raise InputError(f"{name} contains NaN or inf.")
     return x

@@ -84,8 +84,11 @@ def fid_infinity(
     """
     real = f_real_stats_or_features
     if not isinstance(real, GaussianStats):
-        real = GaussianStats.from_features(as_features(real, "f_real_stats_or_features"))
-    f_fake = as_features(f_fake, "f_fake")
+        real = as_features(real, "f_real_stats_or_features", np.float64)
+        real = GaussianStats.from_features(real)
+    # Subsets are cast to float64 one at a time, keeping float32 features at half the memory.
+    f_fake = np.asarray(f_fake)
+    f_fake = as_features(f_fake, "f_fake", np.result_type(f_fake.dtype, np.float32))
     if f_fake.shape[1] != real.dim:
         raise InputError(
             f"f_fake has dimension {f_fake.shape[1]} but the real statistics {real.dim}; "
