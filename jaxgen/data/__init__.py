@@ -6,6 +6,7 @@ from jaxgen.data.prefetch import Prefetcher
 from jaxgen.data.sources import (
     FASHION_MNIST_DIR,
     ArraySource,
+    FirstN,
     FolderSource,
     ImageSource,
     TfdsSource,
@@ -19,6 +20,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "RESIZE_METHODS",
     "ArraySource",
+    "FirstN",
     "FolderSource",
     "ImageSource",
     "Prefetcher",

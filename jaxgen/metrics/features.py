@@ -8,40 +8,16 @@ JAX processes each process feeds and receives its own rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxgen.data import check_images
 from jaxgen.errors import InputError
 from jaxgen.metrics.inception import InceptionV3, preprocess
 from jaxgen.parallel import batch_sharding, make_mesh, pad_batch, replicated
 
 FEATURE_KEYS = ("pool3", "logits", "spatial")
-
-
-def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
-    """Validate a uint8 NHWC batch (1 or 3 channels) and return it as an ndarray.
-
-    Raises:
-      InputError: wrong rank, dtype, channel count, or a float array with NaN.
-    """
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise InputError(f"{where}: expected uint8 images [N, H, W, C], got shape {images.shape}.")
-    if images.dtype != np.uint8:
-        hint = " (contains NaN)" if images.dtype.kind == "f" and np.isnan(images).any() else ""
-        raise InputError(
-            f"{where}: expected dtype uint8, got {images.dtype}{hint}; convert model output with "
-            "floor((x + 1) * 127.5 + 0.5) clipped to [0, 255]."
-        )
-    if images.shape[-1] not in (1, 3):
-        raise InputError(
-            f"{where}: expected 1 (gray) or 3 (RGB) channels in the last axis, got "
-            f"{images.shape[-1]} (shape {images.shape}); images must be NHWC."
-        )
-    return images
 
 
 class FeatureExtractor:
@@ -71,6 +47,7 @@ class FeatureExtractor:
         self.local_batch = self.batch_size // jax.process_count()
         self._data = batch_sharding(self.mesh)
         self._variables = jax.device_put(variables, replicated(self.mesh))
+        self._last_shape: tuple[int, ...] | None = None
         self._fn = jax.jit(
             lambda v, x: module.apply(v, preprocess(x)),
             in_shardings=(replicated(self.mesh), self._data),
@@ -79,7 +56,8 @@ class FeatureExtractor:
 
     def __call__(self, images: np.ndarray, where: str = "images") -> dict[str, np.ndarray]:
         """Features of this process's images, any count (split into steps as needed)."""
-        images = check_images(images, where)
+        images = check_images(np.asarray(images), where)
+        self._last_shape = images.shape[1:]
         outs = [self._step(images[i : i + self.local_batch])
                 for i in range(0, images.shape[0], self.local_batch)]
         if not outs:
@@ -92,12 +70,19 @@ class FeatureExtractor:
         out = self._fn(self._variables, x)
         return {k: _local_rows(v)[:n] for k, v in out.items()}
 
-    def stream(
-        self, batches: Iterable[np.ndarray], where: str = "images"
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Features for each batch of an iterable of uint8 batches (any sizes)."""
-        for batch in batches:
-            yield self(batch, where)
+    def idle_step(self, image_shape: tuple[int, int, int] | None = None) -> None:
+        """Take part in one step without images of our own.
+
+        With several processes every one must run the sharded step equally
+        often; a process whose part of the data ran out feeds padding.
+        """
+        shape = image_shape or self._last_shape
+        if shape is None:
+            raise InputError("idle_step needs the image shape (no batch seen yet).")
+        x = jax.make_array_from_process_local_data(
+            self._data, np.zeros((self.local_batch, *shape), np.uint8)
+        )
+        jax.block_until_ready(self._fn(self._variables, x))
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:

@@ -1,0 +1,44 @@
+"""Write FID reference statistics of a dataset.
+
+    python -m jaxgen.fid_stats SOURCE OUT.npz
+
+SOURCE is anything ``python -m jaxgen.evaluate`` accepts as images. OUT.npz
+holds ``mu``/``sigma`` (pool3, pytorch-fid's layout), ``mu_s``/``sigma_s``
+(sFID, the ADM evaluator's keys) and ``n``; both tools read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxgen import cli
+from jaxgen.data import open_source
+from jaxgen.metrics.evaluate import FeatureNeeds, Side, featurize
+from jaxgen.metrics.features import FeatureExtractor
+from jaxgen.metrics.stats import save_stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    p = argparse.ArgumentParser(
+        prog="python -m jaxgen.fid_stats", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", help="images: folder, npz/npy, IDX, tfds:NAME[:SPLIT], fashion_mnist")
+    p.add_argument("out", help="statistics file to write (.npz)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--weights", help="Inception weight file (default: cache / download)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from jaxgen.metrics.weights import load_inception
+
+    side = Side(args.source, source=open_source(args.source))
+    extractor = FeatureExtractor(*load_inception(args.weights), batch_size=args.batch_size)
+    f = featurize(side, FeatureNeeds(), extractor, progress=not args.no_progress)
+    save_stats(args.out, f["pool3_stats"], f["spatial_stats"])
+    print(f"wrote {args.out}: {f['pool3_stats'].n} images of {side.source.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,292 @@
+"""One pass of Inception features over REAL and FAKE feeds every requested metric.
+
+As torch-fidelity does, each side's images run through the network once;
+the float64 statistics (FID, sFID) are accumulated on the fly and the full
+feature arrays are kept only for the metrics that need them (KID,
+precision/recall, density/coverage, FID-infinity, IS). A side may also be a
+statistics file, in which case no image of it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jaxgen.data import ArraySource, FirstN, ImageSource, eval_part, iterate_eval, open_source
+from jaxgen.errors import InputError
+from jaxgen.metrics.features import FeatureExtractor
+from jaxgen.metrics.fid import frechet_distance
+from jaxgen.metrics.inception_score import inception_score
+from jaxgen.metrics.kid import kid
+from jaxgen.metrics.prdc import prdc
+from jaxgen.metrics.stats import GaussianStats, MomentAccumulator, read_npz
+
+METRICS = ("fid", "sfid", "is", "kid", "pr", "dc")
+
+
+@dataclasses.dataclass
+class Side:
+    """One side of the comparison: images to featurise, or precomputed statistics."""
+
+    name: str
+    source: ImageSource | None = None
+    stats: GaussianStats | None = None
+    spatial: GaussianStats | None = None
+
+
+def open_side(
+    x: str | os.PathLike | np.ndarray | ImageSource | GaussianStats,
+    name: str,
+    num: int | None = None,
+) -> Side:
+    """Interpret one evaluation input.
+
+    Accepts an :class:`ImageSource`, a uint8 image array, a
+    :class:`GaussianStats`, a statistics ``.npz`` (pytorch-fid's ``mu``/``sigma``
+    or the ADM evaluator's, whose images in ``arr_0`` are used when a metric
+    needs features), or any spec :func:`jaxgen.data.open_source` accepts.
+    ``num`` keeps only the first ``num`` images. Fewer than 2 images is an error.
+    """
+    side = _open_side(x, name)
+    if side.source is not None:
+        if num is not None:
+            side.source = FirstN(side.source, num)
+        if len(side.source) < 2:
+            raise InputError(
+                f"{side.source.name}: holds {len(side.source)} image(s); "
+                "statistics need at least 2."
+            )
+    elif num is not None:
+        raise InputError(f"{side.name}: a statistics file cannot be limited to {num} images.")
+    return side
+
+
+def _open_side(x, name: str) -> Side:
+    if isinstance(x, GaussianStats):
+        return Side(name, stats=x)
+    if isinstance(x, ImageSource):
+        return Side(name, source=x)
+    if isinstance(x, np.ndarray):
+        return Side(name, source=ArraySource(x, name))
+    spec = os.fspath(x)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".npz" and path.is_file():
+        keys = read_npz(path)
+        if "mu" in keys and "sigma" in keys:
+            side = Side(spec, stats=GaussianStats.load(path))
+            if "mu_s" in keys and "sigma_s" in keys:
+                side.spatial = GaussianStats.load(path, spatial=True)
+            if "arr_0" in keys:
+                side.source = ArraySource(keys["arr_0"], spec)
+            return side
+    return Side(spec, source=open_source(spec))
+
+
+@dataclasses.dataclass
+class FeatureNeeds:
+    """Which features of one side the requested metrics need (statistics are always kept)."""
+
+    pool3_stats: bool = False
+    spatial_stats: bool = False
+    pool3: bool = False
+    logits: bool = False
+
+    def any_images(self, side: Side) -> bool:
+        stats_missing = (self.pool3_stats and side.stats is None) or (
+            self.spatial_stats and side.spatial is None
+        )
+        return self.pool3 or self.logits or stats_missing
+
+
+def _needs(metrics: Sequence[str], fake: bool) -> FeatureNeeds:
+    m = set(metrics)
+    return FeatureNeeds(
+        pool3_stats="fid" in m,
+        spatial_stats="sfid" in m,
+        pool3=bool(m & {"kid", "pr", "dc"}),
+        logits=fake and "is" in m,
+    )
+
+
+def _check_logits(module, needs: FeatureNeeds) -> None:
+    if needs.logits and not module.with_logits:
+        raise InputError(
+            f"IS needs Inception weights with logits; {module.source} has none. Put "
+            "pytorch-fid's pt_inception-2015-12-05-6726825d.pth in the jaxgen cache "
+            "(see `load_inception`)."
+        )
+
+
+def _gather_rows(x: np.ndarray, n_total: int) -> np.ndarray:
+    """Concatenate every process's contiguous part of a feature array, in process order."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    width = max(len(eval_part(n_total, i, jax.process_count())) for i in range(jax.process_count()))
+    padded = np.zeros((width, *x.shape[1:]), x.dtype)
+    padded[: len(x)] = x
+    everything = np.asarray(multihost_utils.process_allgather(padded))
+    parts = [
+        everything[i, : len(eval_part(n_total, i, jax.process_count()))]
+        for i in range(jax.process_count())
+    ]
+    return np.concatenate(parts)
+
+
+def featurize(
+    side: Side,
+    needs: FeatureNeeds,
+    extractor: FeatureExtractor,
+    *,
+    progress: bool = True,
+) -> dict[str, np.ndarray | GaussianStats]:
+    """Run ``side``'s images through the network once and collect what ``needs`` asks for."""
+    if side.source is None:
+        raise InputError(
+            f"{side.name}: is a statistics file without images, but the requested metrics need "
+            "per-image features; give the images instead."
+        )
+    n = len(side.source)
+    _check_logits(extractor.module, needs)
+    pid, count = jax.process_index(), jax.process_count()
+    acc_pool, acc_spatial = MomentAccumulator(), MomentAccumulator()
+    keep: dict[str, list[np.ndarray]] = {"pool3": [], "logits": []}
+    bar = tqdm(total=n, desc=f"features {side.name}", unit="img", file=sys.stderr,
+               disable=not progress or pid != 0, leave=False)
+    batches = iterate_eval(side.source, extractor.local_batch, process_index=pid,
+                           process_count=count)
+    steps = 0
+    for images in batches:
+        f = extractor(images, side.name)
+        steps += 1
+        acc_pool.update(f["pool3"])
+        acc_spatial.update(f["spatial"])
+        if needs.pool3:
+            keep["pool3"].append(f["pool3"])
+        if needs.logits:
+            keep["logits"].append(f["logits"])
+        bar.update(len(images) * count)
+    # Every process must run the jitted step equally often; parts differ by <= 1 image.
+    max_steps = -(-len(eval_part(n, 0, count)) // extractor.local_batch)
+    for _ in range(max_steps - steps):
+        extractor.idle_step(side.source.image_shape)
+    bar.close()
+    acc_pool.allreduce()
+    acc_spatial.allreduce()
+    out: dict[str, np.ndarray | GaussianStats] = {
+        "pool3_stats": acc_pool.finalize(),
+        "spatial_stats": acc_spatial.finalize(),
+    }
+    for key, parts in keep.items():
+        if parts:
+            out[key] = _gather_rows(np.concatenate(parts), n)
+    return out
+
+
+def evaluate(
+    real: str | os.PathLike | np.ndarray | ImageSource | GaussianStats,
+    fake: str | os.PathLike | np.ndarray | ImageSource | GaussianStats,
+    metrics: Sequence[str] = ("fid",),
+    *,
+    batch_size: int = 100,
+    mesh: Mesh | None = None,
+    inception: tuple | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    dc_k: int = 5,
+    is_splits: int = 10,
+    seed: int = 0,
+    num_real: int | None = None,
+    num_fake: int | None = None,
+    progress: bool = True,
+) -> dict[str, float | int | str]:
+    """Compute ``metrics`` between ``real`` and ``fake`` in one pass of features.
+
+    Args:
+      real, fake: image folders / arrays / npz / IDX / ``tfds:NAME[:SPLIT]``
+        specs, :class:`ImageSource` objects, uint8 arrays, or statistics
+        (``GaussianStats`` or an npz with ``mu``/``sigma``).
+      metrics: any of ``fid``, ``sfid``, ``is``, ``kid``, ``pr``, ``dc``.
+      batch_size: images per device step (all devices together).
+      mesh: device mesh; default all devices.
+      inception: ``(module, variables)``; default :func:`load_inception`.
+      kid_subsets, kid_subset_size: KID's subsets (torch-fidelity's defaults).
+      pr_k, dc_k: neighbourhood sizes for precision/recall and density/coverage.
+      is_splits: Inception Score splits (rows in order, as the original code).
+      seed: seed of KID's subset draws.
+      num_real, num_fake: use only the first this many images of a side.
+      progress: show a progress bar on stderr.
+
+    Returns:
+      A flat dict: each requested metric's keys (``fid``, ``sfid``,
+      ``is_mean``/``is_std``, ``kid_mean``/``kid_std``, ``precision``/
+      ``recall``, ``density``/``coverage``), ``n_real``, ``n_fake`` and
+      ``weights`` (which Inception weights were used).
+    """
+    metrics = list(dict.fromkeys(metrics))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise InputError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}.")
+    sides = {"real": open_side(real, "real", num_real), "fake": open_side(fake, "fake", num_fake)}
+    if "is" in metrics and sides["fake"].source is None:
+        raise InputError(f"{sides['fake'].name}: IS needs the fake images, not statistics.")
+    if inception is None:
+        from jaxgen.metrics.weights import load_inception
+
+        inception = load_inception()
+    _check_logits(inception[0], _needs(metrics, fake=True))
+    extractor = None
+    feats: dict[str, dict] = {}
+    for key, side in sides.items():
+        needs = _needs(metrics, fake=key == "fake")
+        if needs.any_images(side):
+            extractor = extractor or FeatureExtractor(*inception, batch_size=batch_size, mesh=mesh)
+            feats[key] = featurize(side, needs, extractor, progress=progress)
+        else:
+            feats[key] = {}
+        if side.stats is not None and "pool3_stats" not in feats[key]:
+            feats[key]["pool3_stats"] = side.stats
+        if side.spatial is not None and "spatial_stats" not in feats[key]:
+            feats[key]["spatial_stats"] = side.spatial
+    real_f, fake_f = feats["real"], feats["fake"]
+    out: dict[str, float | int | str] = {}
+    if "fid" in metrics:
+        out["fid"] = frechet_distance(real_f["pool3_stats"], fake_f["pool3_stats"])
+    if "sfid" in metrics:
+        for key, f in feats.items():
+            if "spatial_stats" not in f:
+                raise InputError(
+                    f"{sides[key].name}: sFID needs mu_s/sigma_s (ADM layout) or the images."
+                )
+        out["sfid"] = frechet_distance(real_f["spatial_stats"], fake_f["spatial_stats"])
+    if "is" in metrics:
+        out["is_mean"], out["is_std"] = inception_score(fake_f["logits"], is_splits, seed=None)
+    if "kid" in metrics:
+        out["kid_mean"], out["kid_std"] = kid(
+            real_f["pool3"], fake_f["pool3"], kid_subsets, kid_subset_size, seed, mesh=mesh
+        )
+    if "pr" in metrics or "dc" in metrics:
+        r = prdc(real_f["pool3"], fake_f["pool3"], k_pr=pr_k if "pr" in metrics else None,
+                 k_dc=dc_k if "dc" in metrics else None, mesh=mesh)
+        out.update({k: float(v) for k, v in r.items()})
+    out["n_real"] = _count(sides["real"], real_f)
+    out["n_fake"] = _count(sides["fake"], fake_f)
+    out["weights"] = inception[0].source
+    return out
+
+
+def _count(side: Side, f: dict) -> int | None:
+    stats = f.get("pool3_stats")
+    if side.source is not None:
+        return len(side.source)
+    return None if stats is None else stats.n
