@@ -59,7 +59,9 @@ class GaussianMixture:
 
         ``x_t`` may have any shape ``[B, ...]`` with ``d`` elements per example.
         """
-        mu, cov = self.means, self.covs
+        # C_k = U_k diag(alpha^2 e_k + sigma^2) U_k^T with S_k = U_k diag(e_k) U_k^T: the
+        # solve and log-determinant become elementwise (and cheap to compile).
+        e, u = np.linalg.eigh(self.covs)  # [K, d], [K, d, d]
         log_w = np.log(self.weights)
 
         def model_fn(x, t, cond=None):
@@ -68,15 +70,13 @@ class GaussianMixture:
             t = jnp.broadcast_to(jnp.asarray(t, dtype), (x.shape[0],))
             a = process.alpha(t)[:, None, None]  # [B, 1, 1]
             s = process.sigma(t)[:, None, None]
-            eye = jnp.eye(self.dim, dtype=dtype)
-            c = (a * a)[..., None] * jnp.asarray(cov, dtype) + (s * s)[..., None] * eye  # [B,K,d,d]
-            r = flat[:, None, :] - a * jnp.asarray(mu, dtype)  # [B, K, d]
-            sol = jnp.linalg.solve(c, r[..., None])[..., 0]
-            logp = -0.5 * jnp.sum(r * sol, -1) - 0.5 * jnp.linalg.slogdet(c)[1] + log_w
-            resp = jax.nn.softmax(logp, axis=-1)  # [B, K]
-            post = jnp.asarray(mu, dtype) + a * jnp.einsum(
-                "kij,bkj->bki", jnp.asarray(cov, dtype), sol
-            )
+            uk, mu = jnp.asarray(u, dtype), jnp.asarray(self.means, dtype)
+            c = a * a * jnp.asarray(e, dtype) + s * s  # [B, K, d] eigenvalues of C_k
+            r = jnp.einsum("kji,bkj->bki", uk, flat[:, None, :] - a * mu)  # U^T (x - a mu)
+            logp = -0.5 * jnp.sum(r * r / c + jnp.log(c), -1) + log_w  # [B, K]
+            resp = jax.nn.softmax(logp, axis=-1)
+            shrink = a * jnp.asarray(e, dtype) * r / c  # U^T a S_k C_k^-1 (x - a mu)
+            post = mu + jnp.einsum("kij,bkj->bki", uk, shrink)
             return jnp.einsum("bk,bkd->bd", resp, post).reshape(x.shape)
 
         return model_fn

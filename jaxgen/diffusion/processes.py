@@ -130,16 +130,19 @@ class VP(_Process):
             return "uniform" if self.num_steps is None else "trailing"
         return "trailing" if self.num_steps else "logsnr"
 
-    # alpha, 1 - alpha and sigma^2 of the unshifted schedule, each computed
-    # without cancellation so that logsnr stays accurate near t = 0.
+    # (alpha, sigma) of the unshifted schedule, sigma computed without
+    # cancellation so that logsnr stays accurate near t = 0.
     def _base(self, t):
         t = jnp.asarray(t, jnp.result_type(float))
         if self.num_steps:
+            # Linear interpolation on the uniform grid k / N, by direct indexing.
             a_tab, s_tab = _ddpm_table(self.schedule, self.num_steps, self.zero_terminal_snr)
-            grid = jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=t.dtype)
-            a = jnp.interp(t, grid, jnp.asarray(a_tab, t.dtype))
-            s = jnp.interp(t, grid, jnp.asarray(s_tab, t.dtype))
-            return a, s * s
+            pos = jnp.clip(t, 0.0, 1.0) * self.num_steps
+            k = jnp.clip(jnp.floor(pos), 0, self.num_steps - 1).astype(jnp.int32)
+            u = pos - k
+            a_tab, s_tab = jnp.asarray(a_tab, t.dtype), jnp.asarray(s_tab, t.dtype)
+            a = a_tab[k] + u * (a_tab[k + 1] - a_tab[k])
+            return a, s_tab[k] + u * (s_tab[k + 1] - s_tab[k])
         if self.schedule == "linear":
             half_log_abar = -0.5 * (_BETA_MIN * t + 0.5 * (_BETA_MAX - _BETA_MIN) * t**2)
             a, one_minus_a = jnp.exp(half_log_abar), -jnp.expm1(half_log_abar)
@@ -153,7 +156,7 @@ class VP(_Process):
             a_end = self._continuous_alpha_end()
             # a_end is a float64 constant; clamp float32 rounding below zero at t_max.
             a, one_minus_a = jnp.maximum(a - a_end, 0) / (1 - a_end), one_minus_a / (1 - a_end)
-        return a, one_minus_a * (2 - one_minus_a)
+        return a, jnp.sqrt(one_minus_a * (2 - one_minus_a))
 
     def _continuous_alpha_end(self) -> float:
         t = self.t_max
@@ -164,16 +167,20 @@ class VP(_Process):
 
     def logsnr(self, t):
         """log(alpha^2 / sigma^2) at time t."""
-        a, s2 = self._base(t)
-        return 2 * jnp.log(a) - jnp.log(s2) - 2 * math.log(self.shift)
+        a, s = self._base(t)
+        return 2 * (jnp.log(a) - jnp.log(s)) - 2 * math.log(self.shift)
 
+    # With shift k, alpha^2 = sigmoid(logsnr) = a^2 / (a^2 + k^2 s^2): written
+    # through (a, s) it stays differentiable where logsnr is infinite.
     def alpha(self, t):
         """Signal scale alpha(t) = sqrt(sigmoid(logsnr))."""
-        return jnp.sqrt(jax.nn.sigmoid(self.logsnr(t)))
+        a, s = self._base(t)
+        return a * jax.lax.rsqrt(a * a + (self.shift * s) ** 2)
 
     def sigma(self, t):
         """Noise scale sigma(t) = sqrt(sigmoid(-logsnr))."""
-        return jnp.sqrt(jax.nn.sigmoid(-self.logsnr(t)))
+        a, s = self._base(t)
+        return self.shift * s * jax.lax.rsqrt(a * a + (self.shift * s) ** 2)
 
     def t_from_logsnr(self, lam):
         """The time t with logsnr(t) = lam (exact inverse, piecewise for discrete)."""

@@ -1,0 +1,50 @@
+"""Sampling: solvers as small pure functions, time grids, guidance, one jitted driver."""
+
+from jaxgen.sampling.driver import SOLVERS, SolverSpec, generate, sample, to_uint8
+from jaxgen.sampling.grids import (
+    GRIDS,
+    karras,
+    leading,
+    logsnr,
+    make_grid,
+    shifted,
+    trailing,
+    uniform,
+)
+from jaxgen.sampling.guidance import Guidance, make_denoiser
+from jaxgen.sampling.solvers import (
+    TABLEAUS,
+    ddim,
+    dpmpp_2m,
+    dpmpp_3m,
+    euler_maruyama,
+    runge_kutta,
+    step_noise,
+    unipc,
+)
+
+__all__ = [
+    "GRIDS",
+    "SOLVERS",
+    "TABLEAUS",
+    "Guidance",
+    "SolverSpec",
+    "ddim",
+    "dpmpp_2m",
+    "dpmpp_3m",
+    "euler_maruyama",
+    "generate",
+    "karras",
+    "leading",
+    "logsnr",
+    "make_denoiser",
+    "make_grid",
+    "runge_kutta",
+    "sample",
+    "shifted",
+    "step_noise",
+    "to_uint8",
+    "trailing",
+    "uniform",
+    "unipc",
+]

@@ -1,0 +1,305 @@
+"""The one sampling driver: checks, jits, scans, shards, counts NFE; and a batch generator."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxgen.diffusion.predictions import check_prediction
+from jaxgen.errors import InputError
+from jaxgen.parallel import batch_sharding
+from jaxgen.sampling import solvers
+from jaxgen.sampling.grids import make_grid
+from jaxgen.sampling.guidance import Guidance, make_denoiser
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverSpec:
+    """A registered solver: the function, the options its name fixes, and its cost.
+
+    ``nfe = evals_per_step * steps - free_final`` when the grid ends at the
+    clean point (the stages there are the identity, not a model call).
+    """
+
+    fn: Callable
+    fixed: tuple = ()
+    evals_per_step: int = 1
+    free_final: int = 0
+
+    def options(self) -> set[str]:
+        """Keyword options a user may set."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - dict(self.fixed).keys()
+
+
+SOLVERS = {
+    "ddpm": SolverSpec(solvers.ddim, (("eta", 1.0),)),
+    "ddim": SolverSpec(solvers.ddim),
+    "euler": SolverSpec(solvers.runge_kutta, (("tableau", "euler"),)),
+    "midpoint": SolverSpec(solvers.runge_kutta, (("tableau", "midpoint"),), 2),
+    "heun": SolverSpec(solvers.runge_kutta, (("tableau", "heun"),), 2, 1),
+    "rk4": SolverSpec(solvers.runge_kutta, (("tableau", "rk4"),), 4, 1),
+    "dpmpp_2m": SolverSpec(solvers.dpmpp_2m),
+    "dpmpp_3m": SolverSpec(solvers.dpmpp_3m),
+    "unipc_bh1": SolverSpec(solvers.unipc, (("variant", "bh1"),)),
+    "unipc_bh2": SolverSpec(solvers.unipc, (("variant", "bh2"),)),
+    "euler_maruyama": SolverSpec(solvers.euler_maruyama),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything static about a sampling run: one compilation per distinct value."""
+
+    model_fn: Callable
+    process: Any
+    prediction: str
+    solver: str
+    options: tuple
+    shape: tuple
+    guidance_kind: str | None
+    guide_fn: Callable | None
+    mesh: Mesh | None
+
+
+def _run(config: _Config, key, first_index, ts, x_T, cond, uncond, gparams):
+    b = config.shape[0]
+    ids = first_index + jnp.arange(b)
+    per_sample = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(per_sample)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_sample)
+    if x_T is None:
+        draw = lambda k: jax.random.normal(k, config.shape[1:], ts.dtype)
+        x_T = config.process.sigma(ts[0]) * jax.vmap(draw)(init_keys)
+    if config.mesh is not None:
+        shard = lambda a: jax.lax.with_sharding_constraint(a, batch_sharding(config.mesh))
+        x_T, step_keys = shard(x_T), shard(step_keys)
+        cond = jax.tree.map(shard, cond)
+    guidance = None
+    if config.guidance_kind is not None:
+        guidance = Guidance(1.0, uncond=uncond, guide_fn=config.guide_fn)
+    denoise = make_denoiser(
+        config.model_fn, config.process, config.prediction, cond, guidance, uncond, gparams
+    )
+    spec = SOLVERS[config.solver]
+    options = dict(spec.fixed) | dict(config.options)
+    return spec.fn(denoise, x_T, ts, step_keys, config.process, **options)
+
+
+_run_jit = jax.jit(_run, static_argnums=0)
+
+
+def _check_solver(solver: str, options: dict | None) -> tuple[SolverSpec, tuple]:
+    if solver not in SOLVERS:
+        raise InputError(f"solver={solver!r}: use one of {', '.join(SOLVERS)}.")
+    spec, options = SOLVERS[solver], dict(options or {})
+    unknown = options.keys() - spec.options()
+    if unknown:
+        raise InputError(
+            f"solver_options {sorted(unknown)} are not options of solver={solver!r}; "
+            f"it takes {sorted(spec.options()) or 'none'}."
+        )
+    return spec, tuple(sorted(options.items()))
+
+
+def _check_start(process, prediction: str, ts: np.ndarray, solver: str, options: tuple) -> None:
+    alpha0 = float(process.alpha(jnp.asarray(ts[0])))
+    if prediction in ("eps", "score") and (
+        alpha0 == 0.0 or getattr(process, "zero_terminal_snr", False)
+    ):
+        raise InputError(
+            f"prediction={prediction!r} cannot give x0 at t={ts[0]:g}, where alpha = 0 on "
+            f"{process!r} (x_t is pure noise); use an 'x0', 'v' or 'velocity' model."
+        )
+    if ts[0] > process.t_max * (1 + 1e-6):
+        raise InputError(f"the time grid starts at {ts[0]:g}, past t_max={process.t_max:g}.")
+    if solver == "euler_maruyama" and dict(options).get("diffusion") == "sbdm":
+        w = np.asarray(process.d_logsnr(jnp.asarray(ts[:-1])))
+        if not np.all(np.isfinite(w)):
+            raise InputError(
+                f"diffusion='sbdm' is infinite at t={ts[0]:g} on {process!r}; "
+                "use diffusion='sigma' or 'constant'."
+            )
+
+
+def _pad_rows(tree, rows: int):
+    """Repeat row 0 of every leaf up to ``rows`` rows (extra samples are discarded)."""
+
+    def pad(a):
+        a = jnp.asarray(a)
+        extra = rows - a.shape[0]
+        return a if extra == 0 else jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)])
+
+    return jax.tree.map(pad, tree)
+
+
+def sample(
+    model_fn: Callable,
+    process,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    prediction: str,
+    solver: str = "dpmpp_2m",
+    steps: int = 20,
+    grid: str | Callable | np.ndarray | None = None,
+    cond: Any = None,
+    guidance: Guidance | None = None,
+    x_T: jax.Array | None = None,
+    mesh: Mesh | None = None,
+    solver_options: dict | None = None,
+    first_index: int = 0,
+) -> tuple[jax.Array, dict]:
+    """Draw samples by solving the reverse process from ``t_max`` to 0.
+
+    Sample ``i`` of the batch is the sample of index ``first_index + i`` of the
+    run: its noise comes from ``fold_in(key, first_index + i)`` alone, so the
+    result does not depend on the batch size or the number of devices.
+
+    Args:
+      model_fn: ``model_fn(x_t, t, cond) -> prediction``, ``t`` of shape ``[B]``.
+      process: the noise process the model was trained with.
+      key: PRNG key (the seed of the run).
+      shape: ``(B, ...)`` of the samples.
+      prediction: what ``model_fn`` returns: ``eps``, ``x0``, ``v``, ``velocity`` or ``score``.
+      solver: a name in :data:`SOLVERS`.
+      steps: number of solver steps (intervals of the time grid), >= 1.
+      grid: a name in :data:`jaxgen.sampling.grids.GRIDS`, a callable
+        ``(process, steps) -> ts`` or explicit times; default the process's
+        ``default_grid`` (``trailing`` for discrete VP, ``logsnr`` for
+        continuous VP, ``karras`` for EDM, ``uniform`` for flows).
+      cond: conditioning pytree with leading axis ``B``, or ``None``.
+      guidance: a :class:`Guidance` or ``None``.
+      x_T: starting point at ``ts[0]`` (already scaled); overrides the noise from ``key``.
+      mesh: shard the batch over this mesh (it is padded to a multiple of its size).
+      solver_options: solver-specific keywords (``eta``, ``s_churn``, ``order``, ...).
+      first_index: index of the first sample of this batch within the run.
+
+    Returns:
+      ``(x0, info)`` with ``info = {"nfe": model evaluations, "timesteps": ts}``.
+      With autoguidance each evaluation calls two models; with CFG it is one
+      call on a doubled batch.
+    """
+    spec, options = _check_solver(solver, solver_options)
+    if not isinstance(steps, int | np.integer) or steps < 1:
+        raise InputError(f"steps={steps!r} must be an int >= 1.")
+    check_prediction(prediction)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise InputError(f"shape={shape}: need (batch, ...) with every size >= 1.")
+    ts = make_grid(process.default_grid if grid is None else grid, process, int(steps))
+    _check_start(process, prediction, ts, solver, options)
+    if guidance is not None:
+        guidance.check(cond)
+    if x_T is not None and tuple(x_T.shape) != shape:
+        raise InputError(f"x_T has shape {tuple(x_T.shape)}; shape={shape}.")
+
+    batch = shape[0]
+    devices = mesh.size if mesh is not None else 1
+    rows = math.ceil(batch / devices) * devices
+    if rows != batch:
+        x_T = None if x_T is None else _pad_rows(x_T, rows)
+        cond = None if cond is None else _pad_rows(cond, rows)
+    config = _Config(
+        model_fn,
+        process,
+        prediction,
+        solver,
+        options,
+        (rows, *shape[1:]),
+        None if guidance is None else ("cfg" if guidance.guide_fn is None else "auto"),
+        None if guidance is None else guidance.guide_fn,
+        mesh,
+    )
+    gparams = Guidance(1.0).dynamic() if guidance is None else guidance.dynamic()
+    uncond = None if guidance is None else guidance.uncond
+    dtype = jnp.result_type(float)
+    x = _run_jit(config, key, first_index, jnp.asarray(ts, dtype), x_T, cond, uncond, gparams)
+    clean_end = float(process.sigma(jnp.asarray(ts[-1]))) == 0.0
+    nfe = spec.evals_per_step * int(steps) - (spec.free_final if clean_end else 0)
+    return x[:batch], {"nfe": nfe, "timesteps": ts}
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """Model space [-1, 1] to uint8: ``floor((x + 1) * 127.5 + 0.5)`` clipped to [0, 255]."""
+    return jnp.clip(jnp.floor((x + 1) * 127.5 + 0.5), 0, 255).astype(jnp.uint8)
+
+
+_to_uint8_jit = jax.jit(to_uint8)
+
+
+def _host(x) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def generate(
+    model_fn: Callable,
+    process,
+    key: jax.Array,
+    sample_shape: tuple[int, int, int],
+    *,
+    num: int,
+    batch_size: int,
+    cond: Any = None,
+    **sample_kwargs,
+) -> Iterator[np.ndarray]:
+    """Yield ``num`` samples as uint8 NHWC batches of at most ``batch_size``.
+
+    Sample ``i`` is the same whatever ``batch_size`` (see :func:`sample`). The
+    next batch is dispatched before the current one is handed over, so the
+    device keeps working while the caller consumes; only two batches are ever
+    held.
+
+    Args:
+      model_fn, process, key: as for :func:`sample`.
+      sample_shape: ``(H, W, C)``.
+      num: total number of samples.
+      batch_size: samples per device call (the last batch is computed at full
+        size and cut, so one compilation serves the whole run).
+      cond: ``None``, a pytree with leading axis ``num``, or a callable
+        ``cond(indices) -> pytree`` for the sample indices of a batch.
+      **sample_kwargs: passed to :func:`sample` (``prediction``, ``solver``, ``steps``, ...).
+    """
+    if len(tuple(sample_shape)) != 3:
+        raise InputError(f"sample_shape={sample_shape}: generate yields images, give (H, W, C).")
+    if num < 1 or batch_size < 1:
+        raise InputError(f"num={num}, batch_size={batch_size}: both must be >= 1.")
+
+    def launch(start):
+        idx = np.arange(start, start + batch_size)
+        if callable(cond):
+            c = cond(idx)
+        elif cond is not None:
+            c = jax.tree.map(lambda a: jnp.asarray(a)[np.minimum(idx, num - 1)], cond)
+        else:
+            c = None
+        x, _ = sample(
+            model_fn,
+            process,
+            key,
+            (batch_size, *sample_shape),
+            cond=c,
+            first_index=start,
+            **sample_kwargs,
+        )
+        return _to_uint8_jit(x)
+
+    pending = launch(0)
+    for start in range(0, num, batch_size):
+        following = launch(start + batch_size) if start + batch_size < num else None
+        yield _host(pending)[: min(batch_size, num - start)]
+        pending = following
+
+

@@ -1,0 +1,313 @@
+"""Solvers: short pure functions with one signature.
+
+``solver(denoise, x, ts, keys, process, **options) -> x``
+
+- ``denoise(x, t) -> (x0, eps)``: posterior means at scalar time ``t`` with
+  guidance already applied (built once by the driver). At ``sigma(t) = 0`` it
+  returns ``(x / alpha, 0)`` without calling the model: the clean point is its
+  own denoised value, and ``eps -> 0`` is the t -> 0 limit for a data density
+  with a finite score.
+- ``x``: ``[B, ...]`` at time ``ts[0]``; ``ts``: ``[n + 1]`` decreasing times.
+- ``keys``: ``[B]`` per-sample keys; step ``i`` draws ``step_noise(keys, i, x)``,
+  so a sample's noise depends on its own key only.
+
+Loops run under ``lax.scan``; NFE counting, guidance and sharding live in
+the driver (:mod:`jaxgen.sampling.driver`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxgen.errors import InputError
+
+
+def step_noise(keys, i, x):
+    """Standard normal noise like ``x`` for step ``i``, sample ``b`` drawn from ``keys[b]`` only."""
+    draw = lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype)
+    return jax.vmap(draw)(keys)
+
+
+def _lam(process, t):
+    """DPM-Solver's ``lambda = log(alpha / sigma)`` (half the log-SNR)."""
+    return 0.5 * process.logsnr(t)
+
+
+def ddim(denoise, x, ts, keys, process, *, eta: float = 0.0):
+    """DDIM (Song et al. 2021, Eq. 12 with sigma_t(eta) of Eq. 16); ``eta = 1`` is DDPM.
+
+    With ``eta = 1`` the step samples the posterior ``q(x_s | x_t, x0)`` of Ho et
+    al. (2020, Eqs. 6-7), i.e. ancestral sampling with variance beta~_t; the
+    variance is written for any ``(alpha, sigma)``:
+    ``eta^2 (sigma_s / sigma_t)^2 (sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2)``.
+    """
+
+    def step(x, i):
+        t, t1 = ts[i], ts[i + 1]
+        x0, eps = denoise(x, t)
+        a, s, a1, s1 = process.alpha(t), process.sigma(t), process.alpha(t1), process.sigma(t1)
+        if not eta:
+            return a1 * x0 + s1 * eps, None
+        var = eta**2 * (s1 / s) ** 2 * (s**2 - (a / a1 * s1) ** 2)
+        var = jnp.clip(var, 0.0, s1**2)
+        z = step_noise(keys, i, x)
+        return a1 * x0 + jnp.sqrt(s1**2 - var) * eps + jnp.sqrt(var) * z, None
+
+    return lax.scan(step, x, jnp.arange(len(ts) - 1))[0]
+
+
+# Butcher tableaus (A below the diagonal, b, c) of explicit Runge-Kutta methods.
+TABLEAUS = {
+    "euler": ((), (1.0,), (0.0,)),
+    "midpoint": (((0.5,),), (0.0, 1.0), (0.0, 0.5)),
+    "heun": (((1.0,),), (0.5, 0.5), (0.0, 1.0)),
+    "rk4": (
+        ((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
+        (1 / 6, 1 / 3, 1 / 3, 1 / 6),
+        (0.0, 0.5, 0.5, 1.0),
+    ),
+}
+
+
+def runge_kutta(
+    denoise,
+    x,
+    ts,
+    keys,
+    process,
+    *,
+    tableau: str = "heun",
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+):
+    """Explicit Runge-Kutta on the probability-flow ODE ``dx/dt = alpha' x0 + sigma' eps``.
+
+    In the process's own time: for :class:`~jaxgen.diffusion.Flow` this is the
+    flow ODE (Euler, midpoint, Heun, RK4); for :class:`~jaxgen.diffusion.EDM`
+    ``dx/dsigma = eps`` and ``heun`` with ``s_churn > 0`` is Karras et al. (2022),
+    Algorithm 2: before each step the noise level is raised by
+    ``gamma = min(s_churn / n, sqrt(2) - 1)`` where ``s_tmin <= sigma <= s_tmax``
+    (``sigma = sigma(t) / alpha(t)``), by forward-noising ``x`` from ``t`` to ``t_hat``.
+    """
+    a_mat, b, c = TABLEAUS[tableau]
+    n = len(ts) - 1
+
+    def velocity(x, t):
+        x0, eps = denoise(x, t)
+        d_alpha, d_sigma = process.d_alpha(t), process.d_sigma(t)
+        # At sigma = 0, eps = 0 and sigma' may be infinite (VP: sigma ~ sqrt(t)).
+        clean = jnp.where(jnp.isfinite(d_alpha), d_alpha, 0.0) * x0
+        return jnp.where(process.sigma(t) > 0, d_alpha * x0 + d_sigma * eps, clean)
+
+    def churn(x, t, i):
+        lam = process.logsnr(t)
+        sigma, a = jnp.exp(-lam / 2), process.alpha(t)
+        on = (sigma >= s_tmin) & (sigma <= s_tmax) & (a > 0)
+        gamma = jnp.where(on, min(s_churn / n, math.sqrt(2) - 1), 0.0)
+        t_hat = jnp.where(gamma > 0, process.t_from_logsnr(lam - 2 * jnp.log1p(gamma)), t)
+        ratio = process.alpha(t_hat) / a
+        extra = jnp.maximum(process.sigma(t_hat) ** 2 - (ratio * process.sigma(t)) ** 2, 0.0)
+        return ratio * x + jnp.sqrt(extra) * s_noise * step_noise(keys, i, x), t_hat
+
+    def step(x, i):
+        t, t1 = ts[i], ts[i + 1]
+        if s_churn > 0:
+            x, t = churn(x, t, i)
+        h = t1 - t
+        k = []
+        for j, cj in enumerate(c):
+            xj = x + h * sum(a * k_l for a, k_l in zip(a_mat[j - 1], k, strict=False)) if j else x
+            k.append(velocity(xj, t1 if cj == 1 else t + cj * h))
+        return x + h * sum(bj * kj for bj, kj in zip(b, k, strict=True) if bj), None
+
+    return lax.scan(step, x, jnp.arange(n))[0]
+
+
+def euler_maruyama(denoise, x, ts, keys, process, *, diffusion: str = "sigma", scale: float = 1.0):
+    """Euler-Maruyama on the reverse SDE of SiT (Ma et al. 2024, Eq. 5).
+
+    ``dx = [v(x, t) - w(t)/2 score(x, t)] dt + sqrt(w(t)) dW``, run from ``t_max``
+    to 0; every ``w >= 0`` has the same marginals as the ODE. ``diffusion``:
+    ``"sigma"`` (``w = scale sigma(t)``), ``"constant"`` (``w = scale``) or
+    ``"sbdm"`` (``w = -scale sigma^2 dlogsnr/dt``, the score-SDE choice, which is
+    ``beta(t)`` on VP). The last step adds no noise (SiT's "Mean" last step).
+    """
+    if diffusion not in ("sigma", "constant", "sbdm"):
+        raise InputError(f"diffusion={diffusion!r}: use 'sigma', 'constant' or 'sbdm'.")
+    n = len(ts) - 1
+
+    def w_of(t):
+        s = process.sigma(t)
+        if diffusion == "sigma":
+            return scale * s
+        if diffusion == "constant":
+            return scale * jnp.ones_like(s)
+        return -scale * s**2 * process.d_logsnr(t)
+
+    def step(x, i):
+        t, t1 = ts[i], ts[i + 1]
+        x0, eps = denoise(x, t)
+        w = w_of(t)
+        velocity = process.d_alpha(t) * x0 + process.d_sigma(t) * eps
+        drift = velocity + 0.5 * w * eps / process.sigma(t)  # -w/2 score = +w/2 eps / sigma
+        dt = t1 - t
+        noise = jnp.where(i < n - 1, jnp.sqrt(-w * dt), 0.0) * step_noise(keys, i, x)
+        return x + dt * drift + noise, None
+
+    return lax.scan(step, x, jnp.arange(n))[0]
+
+
+def dpmpp_2m(denoise, x, ts, keys, process):
+    """DPM-Solver++(2M), Lu et al. (2022b), Algorithm 2 (multistep, data prediction).
+
+    ``x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D`` with
+    ``D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev``, ``r = h_prev / h``; first order on
+    the first step, after an infinite log-SNR step, and into ``sigma = 0``.
+    """
+
+    def step(carry, i):
+        x, x0_prev, h_prev = carry
+        t, t1 = ts[i], ts[i + 1]
+        x0, _ = denoise(x, t)
+        h = _lam(process, t1) - _lam(process, t)
+        r = h_prev / h
+        second = jnp.isfinite(h) & jnp.isfinite(h_prev)
+        d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev, x0)
+        x = process.sigma(t1) / process.sigma(t) * x - process.alpha(t1) * jnp.expm1(-h) * d
+        return (x, x0, h), None
+
+    init = (x, jnp.zeros_like(x), jnp.full((), jnp.inf, ts.dtype))
+    return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]
+
+
+def dpmpp_3m(denoise, x, ts, keys, process):
+    """DPM-Solver++(3M): third-order multistep data prediction (k-diffusion's 3M, eta = 0).
+
+    The third-order exponential integrator of Lu et al. (2022b), Sec. 4 / App. B:
+    ``x_s = (sigma_s/sigma_t) x_t + alpha_s [(1 - e^{-h}) x0 + phi_2 D1 - phi_3 D2]``
+    with ``phi_2 = (e^{-h} - 1)/h + 1``, ``phi_3 = phi_2 / h - 1/2`` and divided
+    differences ``D1, D2`` of the last three ``x0``; lower order while history is short.
+    """
+
+    def step(carry, i):
+        x, x0_1, x0_2, h_1, h_2 = carry
+        t, t1 = ts[i], ts[i + 1]
+        x0, _ = denoise(x, t)
+        a1 = process.alpha(t1)
+        h = _lam(process, t1) - _lam(process, t)
+        phi_2 = jnp.expm1(-h) / h + 1
+        phi_3 = phi_2 / h - 0.5
+        r0, r1 = h_1 / h, h_2 / h
+        d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        ok2 = jnp.isfinite(h) & jnp.isfinite(h_1)
+        ok3 = ok2 & jnp.isfinite(h_2)
+        corr = jnp.where(ok3, phi_2 * d1 - phi_3 * d2, jnp.where(ok2, phi_2 * d1_0, 0.0))
+        x = process.sigma(t1) / process.sigma(t) * x - a1 * jnp.expm1(-h) * x0 + a1 * corr
+        return (x, x0, x0_1, h, h_1), None
+
+    inf = jnp.full((), jnp.inf, ts.dtype)
+    init = (x, jnp.zeros_like(x), jnp.zeros_like(x), inf, inf)
+    return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]
+
+
+def _unipc_rhos(rks, hh, b_h, order: int, corrector: bool):
+    """Solve for UniPC's coefficients (Zhao et al. 2023, Eq. 8 and Thm. 3.1 / App. C)."""
+    r = jnp.stack([*rks, jnp.ones_like(hh)])
+    h_phi_k, fact, rows, rhs = jnp.expm1(hh) / hh - 1, 1, [], []
+    for i in range(1, order + 1):
+        rows.append(r ** (i - 1))
+        rhs.append(h_phi_k * fact / b_h)
+        fact *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    mat, rhs = jnp.stack(rows), jnp.stack(rhs)
+    if corrector:
+        return jnp.full((1,), 0.5, hh.dtype) if order == 1 else _solve(mat, rhs)
+    if order == 2:
+        return jnp.full((1,), 0.5, hh.dtype)
+    return _solve(mat[:-1, :-1], rhs[:-1])
+
+
+def _solve(mat, rhs):
+    """Cramer's rule for the 2x2 and 3x3 systems of UniPC (no LAPACK call to compile)."""
+    det = jnp.linalg.det if mat.shape[0] > 3 else _det
+    cols = [mat.at[:, j].set(rhs) for j in range(mat.shape[0])]
+    return jnp.stack([det(c) for c in cols]) / det(mat)
+
+
+def _det(m):
+    if m.shape[0] == 2:
+        return m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+    return (
+        m[0, 0] * (m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1])
+        - m[0, 1] * (m[1, 0] * m[2, 2] - m[1, 2] * m[2, 0])
+        + m[0, 2] * (m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0])
+    )
+
+
+def unipc(denoise, x, ts, keys, process, *, order: int = 3, variant: str = "bh2"):
+    """UniPC (Zhao et al. 2023): UniP-p predictor (Alg. 2) and UniC corrector (Alg. 1).
+
+    Data-prediction multistep in ``lambda``; ``B(h) = h`` (``bh1``) or ``e^h - 1``
+    (``bh2``). The corrector reuses the model evaluation of the next step, so
+    the cost stays one evaluation per step; order drops to 1 into ``sigma = 0``.
+    """
+    if variant not in ("bh1", "bh2") or order not in (1, 2, 3):
+        raise InputError(f"unipc order={order}, variant={variant!r}: use 1..3 and 'bh1'/'bh2'.")
+    p, lam = order, _lam(process, ts)
+    b_of = (lambda hh: hh) if variant == "bh1" else jnp.expm1
+
+    def predict(k, x, m, hist_m, hist_lam, i):
+        h, hh = lam[i + 1] - lam[i], lam[i] - lam[i + 1]
+        a1 = process.alpha(ts[i + 1])
+        x_ = process.sigma(ts[i + 1]) / process.sigma(ts[i]) * x - a1 * jnp.expm1(hh) * m
+        if k == 1:
+            return x_
+        rks = [(hist_lam[j] - lam[i]) / h for j in range(k - 1)]
+        rhos = _unipc_rhos(rks, hh, b_of(hh), k, corrector=False)
+        res = sum(rhos[j] * (hist_m[j] - m) / rks[j] for j in range(k - 1))
+        return x_ - a1 * b_of(hh) * res
+
+    def correct(k, x_prev, m_new, hist_m, hist_lam, i):
+        h, hh = lam[i] - hist_lam[0], hist_lam[0] - lam[i]
+        a = process.alpha(ts[i])
+        ratio = process.sigma(ts[i]) / process.sigma(ts[i - 1])
+        x_ = ratio * x_prev - a * jnp.expm1(hh) * hist_m[0]
+        rks = [(hist_lam[j] - hist_lam[0]) / h for j in range(1, k)]
+        rhos = _unipc_rhos(rks, hh, b_of(hh), k, corrector=True)
+        res = sum(rhos[j - 1] * (hist_m[j] - hist_m[0]) / rks[j - 1] for j in range(1, k))
+        return x_ - a * b_of(hh) * (res + rhos[-1] * (m_new - hist_m[0]))
+
+    def step(carry, i):
+        x, x_prev, hist_m, hist_lam, k_prev = carry
+        m, _ = denoise(x, ts[i])
+        corrected = lax.switch(
+            jnp.clip(k_prev, 1, p) - 1,
+            [lambda *a, k=k: correct(k, *a) for k in range(1, p + 1)],
+            x_prev, m, hist_m, hist_lam, i,
+        )
+        x = jnp.where((k_prev > 0) & jnp.isfinite(hist_lam[0]), corrected, x)
+        valid = jnp.cumprod(jnp.isfinite(hist_lam[: p - 1]).astype(jnp.int32)).sum()
+        smooth = jnp.isfinite(lam[i]) & jnp.isfinite(lam[i + 1])
+        k = jnp.where(smooth, jnp.minimum(p, 1 + valid), 1)
+        predictors = [lambda *a, k=k: predict(k, *a) for k in range(1, p + 1)]
+        x_next = lax.switch(k - 1, predictors, x, m, hist_m, hist_lam, i)
+        hist_m = jnp.concatenate([m[None], hist_m[:-1]])
+        hist_lam = jnp.concatenate([lam[i][None], hist_lam[:-1]])
+        return (x_next, x, hist_m, hist_lam, k), None
+
+    init = (
+        x,
+        x,
+        jnp.zeros((p, *x.shape), x.dtype),
+        jnp.full((p,), -jnp.inf, lam.dtype),
+        jnp.zeros((), jnp.int32),
+    )
+    return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]
