@@ -150,8 +150,10 @@ class VP(_Process):
             phi = lambda u: (u + _COSINE_S) / (1 + _COSINE_S) * jnp.pi / 2
             c0 = jnp.cos(phi(0.0))
             a = jnp.cos(phi(t)) / c0
-            one_minus_a = 2 * jnp.sin((phi(t) + phi(0.0)) / 2) * jnp.sin((phi(t) - phi(0.0)) / 2)
-            one_minus_a = one_minus_a / c0
+            # cos(phi0) - cos(phi) as a product of sines: exact 0 at t = 0.
+            half_sum = (t / 2 + _COSINE_S) / (1 + _COSINE_S) * jnp.pi / 2
+            half_diff = t / 2 / (1 + _COSINE_S) * jnp.pi / 2
+            one_minus_a = 2 * jnp.sin(half_sum) * jnp.sin(half_diff) / c0
         if self.zero_terminal_snr:
             a_end = self._continuous_alpha_end()
             # a_end is a float64 constant; clamp float32 rounding below zero at t_max.

@@ -296,7 +296,7 @@ def unipc(denoise, x, ts, keys, process, *, order: int = 3, variant: str = "bh2"
         x = jnp.where((k_prev > 0) & jnp.isfinite(hist_lam[0]), corrected, x)
         valid = jnp.cumprod(jnp.isfinite(hist_lam[: p - 1]).astype(jnp.int32)).sum()
         smooth = jnp.isfinite(lam[i]) & jnp.isfinite(lam[i + 1])
-        k = jnp.where(smooth, jnp.minimum(p, 1 + valid), 1)
+        k = jnp.where(smooth, jnp.minimum(p, 1 + valid), 1).astype(jnp.int32)
         predictors = [lambda *a, k=k: predict(k, *a) for k in range(1, p + 1)]
         x_next = lax.switch(k - 1, predictors, x, m, hist_m, hist_lam, i)
         hist_m = jnp.concatenate([m[None], hist_m[:-1]])
