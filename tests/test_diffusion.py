@@ -39,7 +39,9 @@ def test_ddpm_tables_match_published_schedules():
     f = lambda u: np.cos((u / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
     k = np.arange(1000)
     abar_cos = np.cumprod(1 - np.minimum(1 - f(k + 1) / f(k), 0.999))
-    np.testing.assert_allclose(np.asarray(D.VP("cosine").alpha(t)) ** 2, abar_cos, rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        np.asarray(D.VP("cosine").alpha(t)) ** 2, abar_cos, rtol=2e-5, atol=1e-9
+    )
 
 
 def test_continuous_vp_matches_score_sde_and_nichol():
@@ -93,7 +95,9 @@ def test_bad_edm_and_flow_config():
         D.Flow("cosine")
 
 
-@pytest.mark.parametrize("p", [D.VP(), D.VP("cosine", None), D.EDM(), D.Flow(), D.Flow("gvp")], ids=repr)
+@pytest.mark.parametrize(
+    "p", [D.VP(), D.VP("cosine", None), D.EDM(), D.Flow(), D.Flow("gvp")], ids=repr
+)
 def test_conversions_round_trip_every_pair(p):
     key = jax.random.key(0)
     x0 = jax.random.normal(key, (9, 3))
@@ -195,7 +199,9 @@ def test_loss_is_weighted_mean_of_per_example_terms():
     want = jnp.mean(jnp.mean((_model(0.7, x_t, t, None) - eps) ** 2, axis=1))
     np.testing.assert_allclose(value, want, rtol=1e-6)
     assert metrics["loss"] == value
-    grad = jax.jit(jax.grad(lambda w: D.loss(_model, w, x0, None, key, process=p, prediction="eps")[0]))
+    grad = jax.jit(
+        jax.grad(lambda w: D.loss(_model, w, x0, None, key, process=p, prediction="eps")[0])
+    )
     assert np.isfinite(grad(0.7))
 
 
@@ -228,7 +234,15 @@ def test_edm_loss_matches_karras_training_loss():
     y = jax.random.normal(jax.random.key(0), (8, 2, 2, 1))
     key = jax.random.key(2)
     value, _ = D.loss(
-        model, 0.2, y, None, key, process=p, prediction="x0", time_sampler="lognormal", weighting="edm"
+        model,
+        0.2,
+        y,
+        None,
+        key,
+        process=p,
+        prediction="x0",
+        time_sampler="lognormal",
+        weighting="edm",
     )
     k_t, k_eps, _ = jax.random.split(key, 3)
     sigma = jnp.exp(-1.2 + 1.2 * jax.random.normal(k_t, (8,)))
