@@ -147,27 +147,19 @@ def _sq_norms(x: np.ndarray) -> np.ndarray:
     ).astype(np.float32)
 
 
-def _knn_radii_sq(x: np.ndarray, sq: np.ndarray, k: int, block: int, mesh: Mesh) -> np.ndarray:
-    """``[N, k]`` squared distances to the 1st..k-th nearest other row of centred ``x``."""
-    n = x.shape[0]
-    xp, _ = pad_batch(x, block)
-    sqp, _ = pad_batch(sq, block)
-    nb = xp.shape[0] // block
+def _knn_radii_sq(x: jax.Array, sq: jax.Array, n: int, k: int, block: int, mesh: Mesh):
+    """``[n, k]`` squared distances to the 1st..k-th nearest other row of the first ``n`` rows.
+
+    ``x`` and ``sq`` are replicated over ``mesh`` and padded to a multiple of ``block`` rows.
+    """
+    nb = -(-n // block)
     pairs = np.asarray([(i, j, 1) for i in range(nb) for j in range(i, nb)], np.int32)
     per = -(-len(pairs) // mesh.size)
     pairs = np.concatenate([pairs, np.zeros((per * mesh.size - len(pairs), 3), np.int32)])
     # Deal tiles round-robin: device d gets tiles d, d + devices, ...
     pairs = pairs.reshape(per, mesh.size, 3).transpose(1, 0, 2).reshape(-1, 3)
-    out = _knn_sq(
-        jax.device_put(xp, replicated(mesh)),
-        jax.device_put(sqp, replicated(mesh)),
-        jax.device_put(pairs, batch_sharding(mesh)),
-        n=n,
-        k=k,
-        block=block,
-        mesh=mesh,
-    )
-    return np.asarray(out)[:n]
+    pairs = jax.device_put(pairs, batch_sharding(mesh))
+    return np.asarray(_knn_sq(x, sq, pairs, n=n, k=k, block=block, mesh=mesh))[:n]
 
 
 @functools.partial(jax.jit, static_argnames=("block", "mesh"))
@@ -303,25 +295,28 @@ def prdc(
     # in whichever tile it falls (see the module docstring on ties).
     block = _tile_size(min(n_real, -(-n_fake // mesh.size)), block_size)
 
-    knn_x = _knn_radii_sq(x, sq_x, max(k for k in (k_pr, k_dc) if k is not None), block, mesh)
+    # Padding rows repeat row 0; tiles mask them, and radii^2 of -inf keep them out of
+    # every count. The fake rows are padded for the sharded cross pass; its self pass
+    # masks the few extra rows.
+    rep, shard = replicated(mesh), batch_sharding(mesh)
+    x, sq_x = (jax.device_put(pad_batch(a, block)[0], rep) for a in (x, sq_x))
+    y, sq_y = (jax.device_put(pad_batch(a, block * mesh.size)[0], rep) for a in (y, sq_y))
+
+    knn_x = _knn_radii_sq(x, sq_x, n_real, max(k for k in (k_pr, k_dc) if k), block, mesh)
     r2_x = np.stack([knn_x[:, (k_pr or k_dc) - 1], knn_x[:, (k_dc or k_pr) - 1]], axis=1)
     r2_y = (
-        _knn_radii_sq(y, sq_y, k_pr, block, mesh)[:, -1]
+        _knn_radii_sq(y, sq_y, n_fake, k_pr, block, mesh)[:, -1]
         if k_pr is not None
         else np.full(n_fake, -np.inf, np.float32)
     )
-
-    # Padding rows repeat row 0; radii^2 of -inf keep them out of every count.
-    pad_x, pad_y = (-n_real) % block, (-n_fake) % (block * mesh.size)
-    r2_x = np.pad(r2_x, ((0, pad_x), (0, 0)), constant_values=-np.inf)
-    r2_y = np.pad(r2_y, (0, pad_y), constant_values=-np.inf)
-    rep, shard = replicated(mesh), batch_sharding(mesh)
+    r2_x = np.pad(r2_x, ((0, x.shape[0] - n_real), (0, 0)), constant_values=-np.inf)
+    r2_y = np.pad(r2_y, (0, y.shape[0] - n_fake), constant_values=-np.inf)
     in_prec, n_dens, real_hits = _cross(
-        jax.device_put(pad_batch(x, block)[0], rep),
-        jax.device_put(pad_batch(sq_x, block)[0], rep),
+        x,
+        sq_x,
         jax.device_put(r2_x, rep),
-        jax.device_put(pad_batch(y, block * mesh.size)[0], shard),
-        jax.device_put(pad_batch(sq_y, block * mesh.size)[0], shard),
+        jax.device_put(y, shard),
+        jax.device_put(sq_y, shard),
         jax.device_put(r2_y, shard),
         block=block,
         mesh=mesh,
