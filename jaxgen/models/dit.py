@@ -51,6 +51,10 @@ DIT_SIZES: dict[str, dict[str, int]] = {
 
 DIT_PATCHES = (2, 4, 8)
 
+_PATCH_INIT = nn.initializers.variance_scaling(
+    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
+)
+
 
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -143,9 +147,10 @@ class DiT(nn.Module):
         out_ch = (self.out_channels or channels) * (2 if self.learn_sigma else 1)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        # Patchify: a p x p stride-p convolution, i.e. a linear map of each patch.
+        # Patchify: a p x p stride-p convolution, i.e. a linear map of each patch,
+        # initialised as DiT does: Xavier-uniform of the [p*p*C, D] matrix.
         h = conv(self.hidden, ("channels", "embed"), kernel=p, stride=p, padding="VALID",
-                 name="patch_embed", **kw)(x.astype(self.dtype))
+                 kernel_init=_PATCH_INIT, name="patch_embed", **kw)(x.astype(self.dtype))
         h = h.reshape(b, gh * gw, self.hidden) + sincos_pos_embed_2d(self.hidden, gh, gw)
         h = h.astype(self.dtype)
 

@@ -16,7 +16,8 @@ Presets (:data:`UNET_PRESETS`):
   blocks per level, attention at 16x16, dropout 0.1): 35,746,307
   parameters, the paper's 35.7M.
 - ``"small"``: a CPU-friendly model for 28x28 and 32x32 (ch 32, mult 1,2,2,
-  attention at 7x7/8x8 and in the middle, ADM scale-shift): 1.5M parameters.
+  attention at 7x7/8x8 and in the middle, ADM scale-shift): 1,742,881
+  parameters for 1-channel input.
 
 Usage::
 
