@@ -111,8 +111,7 @@ def plot(rows, path: str) -> None:
         ox = panel * w
         vals = [c[column] for cells in rows.values() for c in cells if np.isfinite(c[column])]
         lo, hi = np.log10(max(min(vals), 1e-8)), np.log10(max(vals))
-        x_lo, x_hi = np.log10(2), np.log10(300)
-        fx = lambda n, ox=ox: ox + pad + (np.log10(n) - x_lo) / (x_hi - x_lo) * (w - 2 * pad)
+        fx = lambda n, ox=ox: ox + pad + np.log10(n / 2) / np.log10(150) * (w - 2 * pad)
         fy = lambda v, lo=lo, hi=hi: h - pad - (np.log10(v) - lo) / (hi - lo) * (h - 2 * pad)
         draw.rectangle([ox + pad, pad, ox + w - pad, h - pad], outline="black")
         draw.text((ox + pad, 20), title + " (log-log)", fill="black")
@@ -123,7 +122,7 @@ def plot(rows, path: str) -> None:
             if lo <= e <= hi:
                 draw.line([ox + pad, fy(10.0**e), ox + w - pad, fy(10.0**e)], fill=(220, 220, 220))
                 draw.text((ox + 10, fy(10.0**e) - 6), f"1e{e}", fill="black")
-        for color, (solver, cells) in zip(COLORS, rows.items(), strict=False):
+        for color, cells in zip(COLORS, rows.values(), strict=False):
             pts = [
                 (fx(c[0]), fy(c[column])) for c in cells if np.isfinite(c[column]) and c[column] > 0
             ]
