@@ -64,7 +64,7 @@ def test_every_solver_process_prediction_jits_and_is_finite(solver):
         outs = []
         for (p, pred), ts in zip(combos, grids, strict=True):
             model = as_prediction(gaussian_x0(p), p, pred)
-            config = driver._Config(model, p, pred, solver, options, (4, 2, 3), None, None, None)
+            config = driver._Config(model, p, pred, solver, options, (4, 2, 3), False, None, None)
             outs.append(
                 driver._run(config, key, 0, ts, None, None, None, S.Guidance(1.0).dynamic())
             )
@@ -138,7 +138,7 @@ def _jax_eps_model(x, t, cond):
 
 
 def _run_solver(solver, process, ts, x, keys, **options):
-    denoise = S.make_denoiser(_jax_eps_model, process, "eps", None, None)
+    denoise = S.make_denoiser(_jax_eps_model, process, "eps")
     fn = jax.jit(lambda x, ts, keys: solver(denoise, x, ts, keys, process, **options))
     return fn(x, jnp.asarray(ts, jnp.float32), keys)
 
@@ -392,27 +392,27 @@ def test_guidance_formulas():
     def model(x, t, cond):
         return 0.5 * x + cond["y"][:, None]
 
-    x = jnp.ones((3, 2))
+    x = jax.random.normal(jax.random.key(0), (3, 4))
     cond, uncond = {"y": jnp.array([1.0, 2.0, 3.0])}, {"y": jnp.zeros(1)}
-    plain = S.make_denoiser(model, process, "x0", cond, None)
+    plain = S.make_denoiser(model, process, "x0", cond)
     cfg = S.Guidance(3.0, uncond=uncond)
-    guided = S.make_denoiser(model, process, "x0", cond, cfg, uncond, cfg.dynamic())
+    guided = S.make_denoiser(model, process, "x0", cond, cfg)
     t = jnp.asarray(2.0)
     x0_c, x0_u = 0.5 * x + cond["y"][:, None], 0.5 * x
     np.testing.assert_allclose(guided(x, t)[0], x0_u + 3.0 * (x0_c - x0_u), rtol=1e-6)
     np.testing.assert_allclose(guided(x, t)[1], (x - guided(x, t)[0]) / 2.0, rtol=1e-5)
     off = S.Guidance(3.0, uncond=uncond, interval=(0.1, 1.0))  # sigma = 2 is outside
-    outside = S.make_denoiser(model, process, "x0", cond, off, uncond, off.dynamic())
+    outside = S.make_denoiser(model, process, "x0", cond, off)
     np.testing.assert_allclose(outside(x, t)[0], plain(x, t)[0], rtol=1e-6)
     res = S.Guidance(3.0, uncond=uncond, rescale=0.7)
-    rescaled = S.make_denoiser(model, process, "x0", cond, res, uncond, res.dynamic())
+    rescaled = S.make_denoiser(model, process, "x0", cond, res)
     g = x0_u + 3.0 * (x0_c - x0_u)
     std = lambda a: jnp.std(a, axis=1, keepdims=True)
     want = 0.7 * g * std(x0_c) / std(g) + 0.3 * g  # Lin et al. (2024), Eqs. 15-16
     np.testing.assert_allclose(rescaled(x, t)[0], want, rtol=1e-5)
     weak = lambda x, t, c: 0.25 * x
     auto = S.Guidance(2.0, guide_fn=weak)
-    ag = S.make_denoiser(model, process, "x0", cond, auto, None, auto.dynamic())
+    ag = S.make_denoiser(model, process, "x0", cond, auto)
     np.testing.assert_allclose(ag(x, t)[0], 0.25 * x + 2.0 * (x0_c - 0.25 * x), rtol=1e-6)
 
 

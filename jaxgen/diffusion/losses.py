@@ -244,7 +244,7 @@ def loss(
             "label_dropout > 0 needs both cond and null_cond (the condition that means 'none')."
         )
     k_t, k_eps, k_drop = jax.random.split(key, 3)
-    t = sample_t(k_t, x0.shape[0], process).astype(x0.dtype)  # [B]
+    t = sample_t(k_t, x0.shape[0], process)  # [B], float32 even for bf16 data
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     x_t = bcast(process.alpha(t), x0) * x0 + bcast(process.sigma(t), x0) * eps
     if label_dropout > 0:

@@ -65,7 +65,7 @@ class _Config:
     solver: str
     options: tuple
     shape: tuple
-    guidance_kind: str | None
+    guided: bool
     guide_fn: Callable | None
     mesh: Mesh | None
 
@@ -84,11 +84,9 @@ def _run(config: _Config, key, first_index, ts, x_T, cond, uncond, gparams):
         x_T, step_keys = shard(x_T), shard(step_keys)
         cond = jax.tree.map(shard, cond)
     guidance = None
-    if config.guidance_kind is not None:
-        guidance = Guidance(1.0, uncond=uncond, guide_fn=config.guide_fn)
-    denoise = make_denoiser(
-        config.model_fn, config.process, config.prediction, cond, guidance, uncond, gparams
-    )
+    if config.guided:
+        guidance = Guidance.from_dynamic(gparams, uncond, config.guide_fn)
+    denoise = make_denoiser(config.model_fn, config.process, config.prediction, cond, guidance)
     spec = SOLVERS[config.solver]
     options = dict(spec.fixed) | dict(config.options)
     return spec.fn(denoise, x_T, ts, step_keys, config.process, **options)
@@ -215,7 +213,7 @@ def sample(
         solver,
         options,
         (rows, *shape[1:]),
-        None if guidance is None else ("cfg" if guidance.guide_fn is None else "auto"),
+        guidance is not None,
         None if guidance is None else guidance.guide_fn,
         mesh,
     )

@@ -21,7 +21,7 @@ def _grid(process, steps: int, t_of_u) -> np.ndarray:
     """Evaluate ``t_of_u`` on ``u`` in [0, 1] (0 -> t_max, 1 -> t_min) and close at t = 0."""
     noisy = steps if process.t_min > 0 else steps + 1
     u = np.linspace(0.0, 1.0, noisy)
-    ts = np.asarray(t_of_u(u), dtype=np.float64)
+    ts = np.array(t_of_u(u), dtype=np.float64)  # a writable copy
     ts[0] = process.t_max  # pin the ends against round-off in the maps
     if noisy > 1:
         ts[-1] = process.t_min

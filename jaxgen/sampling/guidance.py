@@ -60,27 +60,33 @@ class Guidance:
         if not 0.0 <= self.rescale <= 1.0:
             raise InputError(f"Guidance rescale={self.rescale} must lie in [0, 1].")
 
-    def dynamic(self):
-        """The numbers that may change between calls without recompiling."""
+    def dynamic(self) -> jax.Array:
+        """``[scale, sigma_lo, sigma_hi, rescale]``: what may change without recompiling."""
         lo, hi = self.interval or (0.0, float("inf"))
         return jnp.asarray([self.scale, lo, hi, self.rescale], jnp.float32)
+
+    @classmethod
+    def from_dynamic(cls, values, uncond=None, guide_fn=None) -> Guidance:
+        """Rebuild a guidance from :meth:`dynamic` values (possibly traced) inside ``jit``."""
+        return cls(values[0], uncond, guide_fn, (values[1], values[2]), values[3])
 
 
 def _std(x):
     return jnp.std(x.reshape(x.shape[0], -1), axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def make_denoiser(model_fn, process, prediction, cond, guidance, uncond=None, gparams=None):
+def make_denoiser(model_fn, process, prediction: str, cond=None, guidance: Guidance | None = None):
     """Build ``denoise(x, t) -> (x0, eps)`` from a model, its prediction type and guidance.
+
+    At ``sigma(t) = 0`` the model is not called: ``(x / alpha, 0)`` is returned
+    (``lax.cond``, so nothing is evaluated and wasted).
 
     Args:
       model_fn: ``model_fn(x, t, cond)``, ``t`` of shape ``[B]``.
       process: the noise process.
       prediction: what ``model_fn`` returns.
       cond: conditioning pytree or ``None``.
-      guidance: a :class:`Guidance` or ``None`` (only its kind and ``guide_fn`` are read here).
-      uncond: the unconditional pytree for CFG (broadcast to ``cond``).
-      gparams: ``Guidance.dynamic()``, possibly traced.
+      guidance: a :class:`Guidance` (its numbers may be traced) or ``None``.
     """
 
     def predict(fn, x, t, c):
@@ -92,14 +98,15 @@ def make_denoiser(model_fn, process, prediction, cond, guidance, uncond=None, gp
             return predict(model_fn, x, t, cond)
         if guidance.guide_fn is None:
             fit = lambda u, c: jnp.broadcast_to(u, c.shape).astype(c.dtype)
-            null = jax.tree.map(fit, uncond, cond)
+            null = jax.tree.map(fit, guidance.uncond, cond)
             both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null)
             x0, eps = predict(model_fn, jnp.concatenate([x, x]), t, both)
             (x0_c, x0_w), (eps_c, eps_w) = jnp.split(x0, 2), jnp.split(eps, 2)
         else:
             x0_c, eps_c = predict(model_fn, x, t, cond)
             x0_w, eps_w = predict(guidance.guide_fn, x, t, cond)
-        scale, lo, hi, phi = gparams[0], gparams[1], gparams[2], gparams[3]
+        scale, phi = guidance.scale, guidance.rescale
+        lo, hi = guidance.interval or (0.0, jnp.inf)
         sigma = jnp.exp(-0.5 * process.logsnr(t))
         w = jnp.where((sigma > lo) & (sigma <= hi), scale, 1.0).astype(x.dtype)
         x0, eps = x0_w + w * (x0_c - x0_w), eps_w + w * (eps_c - eps_w)

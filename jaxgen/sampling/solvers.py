@@ -94,6 +94,8 @@ def runge_kutta(
     Algorithm 2: before each step the noise level is raised by
     ``gamma = min(s_churn / n, sqrt(2) - 1)`` where ``s_tmin <= sigma <= s_tmax``
     (``sigma = sigma(t) / alpha(t)``), by forward-noising ``x`` from ``t`` to ``t_hat``.
+    A stage at the clean point uses ``eps = 0`` (see the module docstring)
+    where EDM takes a plain Euler last step; both cost no model call there.
     """
     a_mat, b, c = TABLEAUS[tableau]
     n = len(ts) - 1
