@@ -51,7 +51,7 @@ def accuracy(n_ode: int = 256, n_moments: int = 20000):
     with jax.enable_x64(True):
         x_T = 80.0 * jax.random.normal(jax.random.key(1), (n_ode, 2), jnp.float64)
         ref, _ = S.sample(
-            model,
+            MIXTURE.denoiser(process),  # its own instance: traced in float64 only
             process,
             jax.random.key(0),
             x_T.shape,

@@ -73,7 +73,7 @@ class GaussianMixture:
             uk, mu = jnp.asarray(u, dtype), jnp.asarray(self.means, dtype)
             c = a * a * jnp.asarray(e, dtype) + s * s  # [B, K, d] eigenvalues of C_k
             r = jnp.einsum("kji,bkj->bki", uk, flat[:, None, :] - a * mu)  # U^T (x - a mu)
-            logp = -0.5 * jnp.sum(r * r / c + jnp.log(c), -1) + log_w  # [B, K]
+            logp = -0.5 * jnp.sum(r * r / c + jnp.log(c), -1) + jnp.asarray(log_w, dtype)
             resp = jax.nn.softmax(logp, axis=-1)
             shrink = a * jnp.asarray(e, dtype) * r / c  # U^T a S_k C_k^-1 (x - a mu)
             post = mu + jnp.einsum("kij,bkj->bki", uk, shrink)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
@@ -128,6 +129,18 @@ def _check_start(process, prediction: str, ts: np.ndarray, solver: str, options:
             )
 
 
+def _plan(process, grid, steps: int, prediction: str, solver: str, options: tuple):
+    """The time grid (checked against the process and prediction) and whether it ends clean."""
+    ts = make_grid(process.default_grid if grid is None else grid, process, steps)
+    _check_start(process, prediction, ts, solver, options)
+    return ts, float(process.sigma(jnp.asarray(ts[-1]))) == 0.0
+
+
+# Named grids are pure functions of hashable arguments: plan once, so that a
+# repeated call to ``sample`` costs only the dispatch of the compiled program.
+_plan_named = functools.lru_cache(maxsize=256)(_plan)
+
+
 def _pad_rows(tree, rows: int):
     """Repeat row 0 of every leaf up to ``rows`` rows (extra samples are discarded)."""
 
@@ -193,8 +206,8 @@ def sample(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or min(shape) < 1:
         raise InputError(f"shape={shape}: need (batch, ...) with every size >= 1.")
-    ts = make_grid(process.default_grid if grid is None else grid, process, int(steps))
-    _check_start(process, prediction, ts, solver, options)
+    plan = _plan_named if grid is None or isinstance(grid, str) else _plan
+    ts, clean_end = plan(process, grid, int(steps), prediction, solver, options)
     if guidance is not None:
         guidance.check(cond)
     if x_T is not None and tuple(x_T.shape) != shape:
@@ -219,11 +232,10 @@ def sample(
     )
     gparams = Guidance(1.0).dynamic() if guidance is None else guidance.dynamic()
     uncond = None if guidance is None else guidance.uncond
-    dtype = jnp.result_type(float)
-    x = _run_jit(config, key, first_index, jnp.asarray(ts, dtype), x_T, cond, uncond, gparams)
-    clean_end = float(process.sigma(jnp.asarray(ts[-1]))) == 0.0
+    ts_in = ts.astype(jnp.result_type(float))  # float32 unless x64 is enabled
+    x = _run_jit(config, key, first_index, ts_in, x_T, cond, uncond, gparams)
     nfe = spec.evals_per_step * int(steps) - (spec.free_final if clean_end else 0)
-    return x[:batch], {"nfe": nfe, "timesteps": ts}
+    return (x if rows == batch else x[:batch]), {"nfe": nfe, "timesteps": ts.copy()}
 
 
 def to_uint8(x: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxgen.diffusion.predictions import to_x0_eps
@@ -60,10 +61,10 @@ class Guidance:
         if not 0.0 <= self.rescale <= 1.0:
             raise InputError(f"Guidance rescale={self.rescale} must lie in [0, 1].")
 
-    def dynamic(self) -> jax.Array:
+    def dynamic(self) -> np.ndarray:
         """``[scale, sigma_lo, sigma_hi, rescale]``: what may change without recompiling."""
         lo, hi = self.interval or (0.0, float("inf"))
-        return jnp.asarray([self.scale, lo, hi, self.rescale], jnp.float32)
+        return np.asarray([self.scale, lo, hi, self.rescale], np.float32)
 
     @classmethod
     def from_dynamic(cls, values, uncond=None, guide_fn=None) -> Guidance:
