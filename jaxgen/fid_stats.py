@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxgen.metrics.weights import load_inception
 
     side = Side(args.source, source=open_source(args.source))
-    extractor = FeatureExtractor(*load_inception(args.weights), batch_size=args.batch_size)
+    batch_size = min(args.batch_size, len(side.source))  # never pad beyond the data
+    extractor = FeatureExtractor(*load_inception(args.weights), batch_size=batch_size)
     f = featurize(side, FeatureNeeds(), extractor, progress=not args.no_progress)
     save_stats(args.out, f["pool3_stats"], f["spatial_stats"])
     print(f"wrote {args.out}: {f['pool3_stats'].n} images of {side.source.name}")

@@ -104,6 +104,15 @@ def test_fid_rank_deficient_is_finite_and_exact():
     assert got == pytest.approx(_fid_sqrtm(a, b), rel=1e-4)
 
 
+def test_fid_with_zero_covariance():
+    # every sample identical: S_a = 0, so FID = |mu_a - mu_b|^2 + tr(S_b) exactly
+    a = GaussianStats.from_features(np.ones((5, 8)))
+    b = GaussianStats.from_features(np.random.default_rng(6).normal(size=(50, 8)))
+    want = np.sum((a.mu - b.mu) ** 2) + np.trace(b.sigma)
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-12)
+    assert frechet_distance(b, a) == pytest.approx(want, rel=1e-12)
+
+
 def test_fid_dimension_mismatch():
     a = GaussianStats(np.zeros(3), np.eye(3))
     b = GaussianStats(np.zeros(4), np.eye(4))

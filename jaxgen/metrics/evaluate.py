@@ -245,13 +245,17 @@ def evaluate(
 
         inception = load_inception()
     _check_logits(inception[0], _needs(metrics, fake=True))
-    extractor = None
+    todo = {k: s for k, s in sides.items() if _needs(metrics, fake=k == "fake").any_images(s)}
+    if todo:
+        # No step larger than the data: padding 6 images to 100 would waste 94 images of work.
+        largest = max((len(s.source) for s in todo.values() if s.source is not None),
+                      default=batch_size)
+        extractor = FeatureExtractor(*inception, batch_size=min(batch_size, largest), mesh=mesh)
     feats: dict[str, dict] = {}
     for key, side in sides.items():
-        needs = _needs(metrics, fake=key == "fake")
-        if needs.any_images(side):
-            extractor = extractor or FeatureExtractor(*inception, batch_size=batch_size, mesh=mesh)
-            feats[key] = featurize(side, needs, extractor, progress=progress)
+        if key in todo:
+            feats[key] = featurize(side, _needs(metrics, fake=key == "fake"), extractor,
+                                   progress=progress)
         else:
             feats[key] = {}
         if side.stats is not None and "pool3_stats" not in feats[key]:

@@ -8,6 +8,8 @@ JAX processes each process feeds and receives its own rows.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -48,11 +50,7 @@ class FeatureExtractor:
         self._data = batch_sharding(self.mesh)
         self._variables = jax.device_put(variables, replicated(self.mesh))
         self._last_shape: tuple[int, ...] | None = None
-        self._fn = jax.jit(
-            lambda v, x: module.apply(v, preprocess(x)),
-            in_shardings=(replicated(self.mesh), self._data),
-            out_shardings=self._data,
-        )
+        self._fn = _forward(module, self.mesh)
 
     def __call__(self, images: np.ndarray, where: str = "images") -> dict[str, np.ndarray]:
         """Features of this process's images, any count (split into steps as needed)."""
@@ -83,6 +81,16 @@ class FeatureExtractor:
             self._data, np.zeros((self.local_batch, *shape), np.uint8)
         )
         jax.block_until_ready(self._fn(self._variables, x))
+
+
+@functools.cache
+def _forward(module: InceptionV3, mesh: Mesh):
+    """The jitted resize + network, one per (module, mesh), so extractors share compilations."""
+    return jax.jit(
+        lambda v, x: module.apply(v, preprocess(x)),
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=batch_sharding(mesh),
+    )
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:

@@ -1,20 +1,25 @@
 """Fréchet distance between two Gaussians (FID, sFID).
 
-d^2 = |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr sqrt(S_1^{1/2} S_2 S_1^{1/2})
+d^2 = |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr sqrt(S_1 S_2)
 
 (Heusel et al. 2017, eq. 6; Dowson & Landau 1982). The trace term is taken
-by the symmetric route: ``S_1^{1/2}`` from one ``eigh``, then the
-eigenvalues of the symmetric PSD matrix ``S_1^{1/2} S_2 S_1^{1/2}``, whose
-square roots sum to ``tr sqrt(S_1 S_2)``. Everything is float64 on the host
-and eigenvalues within rounding noise of 0 (or below) are set to 0, so
-rank-deficient covariances (N < D) give a finite, correct value where
-``scipy.linalg.sqrtm`` returns complex noise or needs an epsilon on the
-diagonal.
+by the symmetric route: for any factor ``F`` with ``S_1 = F F^T``, the
+symmetric PSD matrix ``F^T S_2 F`` has the same non-zero eigenvalues as
+``S_1 S_2`` (and as ``S_1^{1/2} S_2 S_1^{1/2}``), so the trace is the sum of
+the square roots of its eigenvalues. ``F`` comes from LAPACK's pivoted
+Cholesky (``dpstrf``), which is rank-revealing: with N < D samples ``S_1``
+has rank r < D and ``F`` is D x r, so the eigenvalue problem shrinks to
+r x r. Everything is float64 on the host, and eigenvalues within rounding
+noise of 0 are set to 0, so rank-deficient covariances give a finite,
+correct value where ``scipy.linalg.sqrtm`` returns complex noise or needs
+an epsilon on the diagonal.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
+from scipy.linalg import lapack
 
 from jaxgen.errors import InputError
 from jaxgen.metrics.stats import GaussianStats
@@ -23,17 +28,39 @@ from jaxgen.metrics.stats import GaussianStats
 def _clean(w: np.ndarray) -> np.ndarray:
     """Eigenvalues of a PSD matrix with rounding noise around 0 set to exactly 0.
 
-    Eigenvalues below ``D * eps * max|w|`` (numpy's ``matrix_rank`` tolerance)
-    are indistinguishable from 0; left in, each would add sqrt(noise) ~ 1e-8
-    of the scale to the trace term when N < D.
+    Eigenvalues below ``n * eps * max|w|`` (numpy's ``matrix_rank``
+    tolerance) are indistinguishable from 0; left in, each would add
+    sqrt(noise) ~ 1e-8 of the scale to the trace term.
     """
+    if w.size == 0:
+        return w
     tol = w.shape[0] * np.finfo(np.float64).eps * np.abs(w).max()
     return np.where(w > tol, w, 0.0)
 
 
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(_clean(w))) @ v.T
+def psd_factor(s: np.ndarray) -> np.ndarray:
+    """``F`` (D x rank) with ``F F^T = s`` for a symmetric PSD ``s``, by pivoted Cholesky.
+
+    ``dpstrf`` stops at the numerical rank (its default tolerance is
+    ``D * eps * max(diag)``), which is what makes it safe on singular
+    covariances.
+    """
+    c, piv, rank, info = lapack.dpstrf(s, lower=1)
+    if info < 0:
+        raise InputError(f"pivoted Cholesky failed (LAPACK info {info}) on a {s.shape} matrix.")
+    f = np.empty((s.shape[0], rank))
+    f[piv - 1] = np.tril(c)[:, :rank]  # undo the symmetric pivoting P^T S P = L L^T
+    return f
+
+
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """``tr sqrt(s1 s2)`` for symmetric PSD ``s1``, ``s2`` (float64)."""
+    f = psd_factor(s1)
+    if f.shape[1] == 0:  # s1 = 0 (e.g. every sample identical)
+        return 0.0
+    m = f.T @ s2 @ f
+    w = scipy.linalg.eigh((m + m.T) / 2, eigvals_only=True, driver="evr")
+    return float(np.sqrt(_clean(w)).sum())
 
 
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
@@ -47,8 +74,6 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
             f"statistics have different dimensions ({a.dim} vs {b.dim}); compute both with "
             "the same feature extractor and layer."
         )
-    root_a = _psd_sqrt(a.sigma)
-    m = root_a @ b.sigma @ root_a
-    tr_covmean = np.sqrt(_clean(np.linalg.eigvalsh((m + m.T) / 2))).sum()
     diff = a.mu - b.mu
+    tr_covmean = trace_sqrt_product(a.sigma, b.sigma)
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr_covmean)
