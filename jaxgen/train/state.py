@@ -1,0 +1,307 @@
+"""Train state, optimizer, EMA and the jitted, sharded train step.
+
+The optimizer is a chain of optax transforms (clip -> AdamW with a warmup +
+constant/cosine schedule), wrapped in :class:`optax.MultiSteps` for gradient
+accumulation. Parameters and optimizer state are sharded over the mesh by the
+models' logical axis names (:data:`jaxgen.models.LOGICAL_AXIS_RULES`); the
+batch is split over every mesh axis. One call of the train step consumes one
+(micro-)batch; with ``grad_accum = k`` the parameters and EMAs change every
+``k`` calls and the learning-rate schedule counts those updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxgen import diffusion
+from jaxgen.data import to_model_space
+from jaxgen.errors import InputError
+from jaxgen.models import LOGICAL_AXIS_RULES, create_model
+from jaxgen.parallel import batch_sharding, replicated
+
+PROCESSES = {"vp": diffusion.VP, "edm": diffusion.EDM, "flow": diffusion.Flow}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCHEDULES = ("constant", "cosine")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue.
+
+    Attributes:
+      step: number of train-step calls so far (micro-batches with accumulation).
+      params: model parameters (float32).
+      ema: exponential moving averages of ``params``, one per decay, keyed by
+        the decay written as a string (``"0.9999"``).
+      opt_state: optax state of :func:`make_optimizer`'s transform.
+      rng: base PRNG key; step ``s`` uses ``fold_in(rng, s)``.
+    """
+
+    step: jax.Array
+    params: Any
+    ema: dict[str, Any]
+    opt_state: Any
+    rng: jax.Array
+
+
+def ema_name(decay: float) -> str:
+    """Key of an EMA in :attr:`TrainState.ema`."""
+    return repr(float(decay))
+
+
+def make_process(cfg: ml_collections.ConfigDict):
+    """The noise process of ``config.diffusion``: ``process`` in :data:`PROCESSES` + kwargs."""
+    if cfg.process not in PROCESSES:
+        raise InputError(f"diffusion.process={cfg.process!r}: use one of {', '.join(PROCESSES)}.")
+    kwargs = dict(cfg.get("process_kwargs", {}))
+    return PROCESSES[cfg.process](**{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in kwargs.items()})
+
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The model of ``config.model`` with the compute dtype of ``config.train.compute_dtype``."""
+    if config.train.compute_dtype not in DTYPES:
+        raise InputError(
+            f"train.compute_dtype={config.train.compute_dtype!r}: use one of {', '.join(DTYPES)}."
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in dict(config.model.get("kwargs", {})).items()}
+    return create_model(config.model.name, dtype=DTYPES[config.train.compute_dtype], **kwargs)
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_updates: int) -> optax.Schedule:
+    """Linear warmup over ``warmup_steps`` updates, then constant or cosine decay.
+
+    The cosine decays to ``lr * final_lr_fraction`` at ``total_updates``.
+    """
+    if cfg.schedule not in SCHEDULES:
+        raise InputError(f"optim.schedule={cfg.schedule!r}: use one of {', '.join(SCHEDULES)}.")
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    else:
+        decay = max(total_updates - cfg.warmup_steps, 1)
+        main = optax.cosine_decay_schedule(cfg.lr, decay, alpha=cfg.final_lr_fraction)
+    if cfg.warmup_steps <= 0:
+        return main
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.join_schedules([warmup, main], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_updates: int) -> optax.MultiSteps:
+    """``MultiSteps(chain(clip_by_global_norm, adamw(schedule)), grad_accum)``.
+
+    Args:
+      cfg: ``config.optim``: ``lr``, ``warmup_steps``, ``schedule``,
+        ``final_lr_fraction``, ``b1``, ``b2``, ``eps``, ``weight_decay``,
+        ``grad_clip`` (0: none), ``grad_accum`` (micro-batches per update).
+      total_updates: optimizer updates of the whole run (for the cosine).
+    """
+    if cfg.grad_accum < 1:
+        raise InputError(f"optim.grad_accum={cfg.grad_accum} must be >= 1.")
+    adamw = optax.adamw(make_schedule(cfg, total_updates), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+    return optax.MultiSteps(optax.chain(clip, adamw), every_k_schedule=cfg.grad_accum)
+
+
+def ema_decay(decay: float, updates: jax.Array, warmup: bool) -> jax.Array:
+    """The decay used after ``updates`` optimizer updates.
+
+    With ``warmup`` it is ``min(decay, (1 + n) / (10 + n))`` so that the average
+    forgets the random initialisation quickly in short runs (the warmup of
+    TF's ``ExponentialMovingAverage(num_updates=...)``).
+    """
+    n = updates.astype(jnp.float32)
+    return jnp.minimum(decay, (1 + n) / (10 + n)) if warmup else jnp.asarray(decay, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The pieces of a run that do not change as it trains."""
+
+    module: nn.Module
+    process: Any
+    prediction: str
+    optimizer: optax.MultiSteps
+    schedule: optax.Schedule
+    mesh: Mesh
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    config: ml_collections.ConfigDict
+
+    def apply(self, params, x_t, t, cond, *, train: bool = False, rngs=None):
+        """The model as the loss and samplers see it (``model_fn(params, x_t, t, cond)``).
+
+        EDM preconditioning (``diffusion.precond == "edm"``) wraps the network
+        here, so the backbone never sees raw ``x_t`` and ``t``; a learned-sigma
+        output keeps only the prediction channels.
+        """
+
+        def raw(p, x, c_noise, c):
+            out = self.module.apply({"params": p}, x, c_noise, c, train=train, rngs=rngs)
+            return out[..., : x.shape[-1]]
+
+        if self.config.diffusion.precond == "edm":
+            return diffusion.edm_precond(raw, self.process, self.config.diffusion.sigma_data)(
+                params, x_t, t, cond
+            )
+        return raw(params, x_t, t, cond)
+
+    def example_inputs(self, batch: int = 1):
+        """Abstract ``(x, t, cond)`` to initialise the model with."""
+        x = jax.ShapeDtypeStruct((batch, *self.image_shape), jnp.float32)
+        t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+        cond = {"label": jax.ShapeDtypeStruct((batch,), jnp.int32)} if self.num_classes else None
+        return x, t, cond
+
+
+def make_setup(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    image_shape: tuple[int, int, int],
+    total_updates: int,
+) -> Setup:
+    """Model, process, optimizer and mesh of ``config`` for images of ``image_shape``."""
+    if config.diffusion.precond not in ("none", "edm"):
+        raise InputError(f"diffusion.precond={config.diffusion.precond!r}: use 'none' or 'edm'.")
+    prediction = "x0" if config.diffusion.precond == "edm" else config.diffusion.prediction
+    return Setup(
+        module=make_model(config),
+        process=make_process(config.diffusion),
+        prediction=prediction,
+        optimizer=make_optimizer(config.optim, total_updates),
+        schedule=make_schedule(config.optim, total_updates),
+        mesh=mesh,
+        image_shape=tuple(image_shape),
+        num_classes=int(config.model.kwargs.get("num_classes", 0)),
+        config=config,
+    )
+
+
+def _init_boxed(setup: Setup, key: jax.Array) -> TrainState:
+    x, t, cond = setup.example_inputs()
+    zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+    variables = setup.module.init(key, zeros(x), zeros(t), jax.tree.map(zeros, cond))
+    params = variables["params"]
+    decays = setup.config.train.ema_decays
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema={ema_name(d): params for d in decays},
+        opt_state=setup.optimizer.init(params),
+        rng=jax.random.fold_in(key, 1),
+    )
+
+
+def state_shardings(setup: Setup) -> TrainState:
+    """``NamedSharding`` of every leaf of the train state (params by logical axis names)."""
+    abstract = jax.eval_shape(lambda: _init_boxed(setup, jax.random.key_data(jax.random.key(0))))
+    specs = nn.get_partition_spec(abstract)
+    return nn.logical_to_mesh_sharding(specs, setup.mesh, LOGICAL_AXIS_RULES)
+
+
+def abstract_state(setup: Setup) -> TrainState:
+    """Shapes, dtypes and shardings of the train state, no memory used (for restoring)."""
+    shapes = jax.eval_shape(
+        lambda: nn.unbox(_init_boxed(setup, jax.random.key_data(jax.random.key(0))))
+    )
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes, state_shardings(setup),
+    )
+
+
+def init_state(setup: Setup, seed: int) -> TrainState:
+    """A fresh train state, created directly in its shardings."""
+    key = jax.random.key_data(jax.random.key(seed))
+    init = jax.jit(lambda k: nn.unbox(_init_boxed(setup, k)), out_shardings=state_shardings(setup))
+    return init(key)
+
+
+def make_train_step(setup: Setup) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The jitted ``train_step(state, batch) -> (state, metrics)``.
+
+    ``batch`` holds ``image`` (uint8 NHWC, global, batch-sharded) and, for a
+    class-conditional model, ``label``. The state is donated. ``metrics``
+    (replicated scalars): ``loss``, ``distance``, ``grad_norm``, ``lr``.
+    """
+    cfg = setup.config
+    tx = setup.optimizer
+
+    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(state.rng, state.step)
+        k_loss, k_model = jax.random.split(key)
+        x0 = to_model_space(batch["image"])
+        cond = {"label": batch["label"]} if setup.num_classes else None
+
+        def loss_fn(params):
+            fn = lambda p, x, t, c: setup.apply(p, x, t, c, train=True, rngs={"dropout": k_model})
+            return diffusion.loss(
+                fn, params, x0, cond, k_loss,
+                process=setup.process,
+                prediction=setup.prediction,
+                time_sampler=_time_sampler(cfg.diffusion),
+                weighting=_weighting(cfg.diffusion),
+            )
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        updated = tx.has_updated(opt_state)
+        n_updates = _update_count(opt_state)
+        ema = {}
+        for decay in cfg.train.ema_decays:
+            d = ema_decay(decay, n_updates, cfg.train.ema_warmup)
+            new = optax.incremental_update(params, state.ema[ema_name(decay)], 1 - d)
+            ema[ema_name(decay)] = jax.tree.map(
+                lambda n, o: jnp.where(updated, n, o), new, state.ema[ema_name(decay)]
+            )
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=setup.schedule(n_updates))
+        new_state = state.replace(step=state.step + 1, params=params, ema=ema,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    shardings = state_shardings(setup)
+    data = batch_sharding(setup.mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, data),
+        out_shardings=(shardings, replicated(setup.mesh)),
+        donate_argnums=0,
+    )
+
+
+def _update_count(opt_state: optax.MultiStepsState) -> jax.Array:
+    """Optimizer updates applied so far (MultiSteps' inner count of applied updates)."""
+    return opt_state.gradient_step
+
+
+def _time_sampler(cfg: ml_collections.ConfigDict):
+    kwargs = dict(cfg.get("time_sampler_kwargs", {}))
+    return diffusion.TIME_SAMPLERS[cfg.time_sampler](**kwargs) if kwargs else cfg.time_sampler
+
+
+def _weighting(cfg: ml_collections.ConfigDict):
+    kwargs = dict(cfg.get("weighting_kwargs", {}))
+    return diffusion.WEIGHTINGS[cfg.weighting](**kwargs) if kwargs else cfg.weighting
+
+
+def param_sharding_summary(state: TrainState) -> dict[str, tuple]:
+    """``path -> PartitionSpec`` of every parameter, to show where weights live."""
+    flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    out = {}
+    for path, leaf in flat:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        sharding = leaf.sharding
+        out[name] = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+    return out

@@ -1,0 +1,207 @@
+"""Metric writers: a JSON-lines file and TensorBoard event files, without TensorFlow.
+
+A TensorBoard event file is a TFRecord stream of ``Event`` protocol buffers;
+scalars need only four message fields, so they are encoded here by hand
+(wire format: https://protobuf.dev/programming-guides/encoding/) and framed
+with TFRecord's masked CRC-32C checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), the checksum of TFRecord files."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc(data: bytes) -> int:
+    """TFRecord's masked checksum: ``rot15(crc32c) + 0xa282ead8``."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(wall_time: float, step: int, *, summary: bytes = b"", file_version: str = "") -> bytes:
+    msg = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
+    if file_version:
+        msg += _field(3, file_version.encode())
+    if summary:
+        msg += _field(5, summary)
+    return msg
+
+
+def _scalar_summary(scalars: dict[str, float]) -> bytes:
+    values = b"".join(
+        _field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
+        for tag, value in scalars.items()
+    )
+    return values
+
+
+class TensorBoardWriter:
+    """Appends scalar summaries to ``DIR/events.out.tfevents.<time>.<host>``.
+
+    Args:
+      logdir: folder TensorBoard is pointed at (created if missing).
+    """
+
+    def __init__(self, logdir: str | os.PathLike) -> None:
+        logdir = Path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.path = logdir / name
+        self._file = open(self.path, "ab")
+        self._write(_event(time.time(), 0, file_version="brain.Event:2"))
+
+    def _write(self, record: bytes) -> None:
+        header = struct.pack("<Q", len(record))
+        self._file.write(header + struct.pack("<I", masked_crc(header)))
+        self._file.write(record + struct.pack("<I", masked_crc(record)))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Write ``values`` (tag -> number) at ``step``; non-finite values are kept as such."""
+        self._write(_event(time.time(), int(step), summary=_scalar_summary(values)))
+        self._file.flush()
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self._file.close()
+
+
+def read_events(path: str | os.PathLike) -> list[tuple[int, dict[str, float]]]:
+    """``(step, {tag: value})`` of every scalar event in a file, checksums verified.
+
+    The inverse of :class:`TensorBoardWriter`, for tests and quick inspection.
+    """
+    data = Path(path).read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        header = data[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        if struct.unpack("<I", data[pos + 8 : pos + 12])[0] != masked_crc(header):
+            raise ValueError(f"{path}: bad length checksum at byte {pos}.")
+        record = data[pos + 12 : pos + 12 + length]
+        if struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])[0] != masked_crc(
+            record
+        ):
+            raise ValueError(f"{path}: bad data checksum at byte {pos}.")
+        pos += 16 + length
+        step, scalars = _parse_event(record)
+        if scalars:
+            out.append((step, scalars))
+    return out
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[i]
+        n |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not b & 0x80:
+            return n, i
+
+
+def _fields(buf: bytes):
+    i = 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _read_varint(buf, i)
+        elif wire == 1:
+            value, i = buf[i : i + 8], i + 8
+        elif wire == 5:
+            value, i = buf[i : i + 4], i + 4
+        else:
+            length, i = _read_varint(buf, i)
+            value, i = buf[i : i + length], i + length
+        yield number, value
+
+
+def _parse_event(record: bytes) -> tuple[int, dict[str, float]]:
+    step, scalars = 0, {}
+    for number, value in _fields(record):
+        if number == 2:
+            step = value
+        elif number == 5:
+            for _, v in _fields(value):
+                tag, x = "", math.nan
+                for n, w in _fields(v):
+                    if n == 1:
+                        tag = w.decode()
+                    elif n == 2:
+                        (x,) = struct.unpack("<f", w)
+                scalars[tag] = x
+    return step, scalars
+
+
+class MetricWriter:
+    """Writes each record to ``DIR/metrics.jsonl`` and TensorBoard events in ``DIR/tb``.
+
+    Only process 0 writes; on other processes the calls do nothing.
+
+    Args:
+      workdir: the run's folder.
+      enabled: whether this process writes (``jax.process_index() == 0``).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if enabled:
+            self.jsonl = Path(workdir) / "metrics.jsonl"
+            self._tb = TensorBoardWriter(Path(workdir) / "tb")
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """Append ``{"step": step, **values}`` to the JSONL file and the event file."""
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in values.items()}
+        with open(self.jsonl, "a") as f:
+            # JSON has no NaN; a diverged loss is written as null rather than invalid JSON.
+            clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._tb.scalars(step, values)
+
+    def close(self) -> None:
+        """Close the event file."""
+        if self.enabled:
+            self._tb.close()
