@@ -7,31 +7,41 @@ from scipy.special import logsumexp
 
 from jaxgen.errors import InputError
 
+_ROWS = 4096  # rows in float64 at a time: memory O(_ROWS * classes), not O(N * classes)
+
 
 def _check_logits(logits: np.ndarray, name: str = "logits") -> np.ndarray:
     logits = np.asarray(logits)
-    if logits.ndim != 2 or logits.shape[1] < 2:
+    if logits.ndim != 2 or logits.shape[1] < 2 or not np.issubdtype(logits.dtype, np.number):
         raise InputError(
-            f"{name} must have shape [N, classes] with classes >= 2; got {logits.shape}."
+            f"{name} must be a numeric array [N, classes] with classes >= 2; got "
+            f"{logits.dtype} {logits.shape}."
         )
-    logits = logits.astype(np.float64)
     if not np.all(np.isfinite(logits)):
         raise InputError(f"{name} contain NaN or inf.")
     return logits
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    return logits - logsumexp(logits, axis=1, keepdims=True)
+
+
 def _split_scores(logits: np.ndarray, splits: int) -> np.ndarray:
-    """exp(mean KL) of each of ``splits`` consecutive chunks of float64 ``logits``."""
+    """exp(mean KL(p(y|x) || p(y))) of each of ``splits`` consecutive chunks, in float64."""
     n = logits.shape[0]
     scores = np.empty(splits)
     for i in range(splits):
         chunk = logits[i * n // splits : (i + 1) * n // splits]
-        log_p = chunk - logsumexp(chunk, axis=1, keepdims=True)
-        p = np.exp(log_p)
-        log_q = np.log(p.mean(axis=0))
-        # p log(p/q) -> 0 as p -> 0; where p underflows to 0, so may q, and 0 * inf is NaN.
-        kl = np.where(p > 0, p * (log_p - log_q), 0.0).sum(axis=1)
-        scores[i] = np.exp(kl.mean())
+        parts = [chunk[r : r + _ROWS] for r in range(0, len(chunk), _ROWS)]
+        log_q = np.log(sum(np.exp(_log_softmax(c)).sum(axis=0) for c in parts) / len(chunk))
+        kl = 0.0
+        for c in parts:
+            log_p = _log_softmax(c)
+            p = np.exp(log_p)
+            # p log(p/q) -> 0 as p -> 0; where p underflows to 0, so may q, and 0 * inf is NaN.
+            kl += np.where(p > 0, p * (log_p - log_q), 0.0).sum()
+        scores[i] = np.exp(kl / len(chunk))
     return scores
 
 
