@@ -82,13 +82,12 @@ def fid_infinity(
       InputError: for malformed features, different dimensions, ``num_points
         < 2``, ``min_n < 2`` or too few fake samples.
     """
+    # Features keep their float dtype here; the statistics are accumulated in float64.
+    as_float = lambda x, name: as_features(x, name, np.result_type(np.asarray(x).dtype, np.float32))
     real = f_real_stats_or_features
     if not isinstance(real, GaussianStats):
-        real = as_features(real, "f_real_stats_or_features", np.float64)
-        real = GaussianStats.from_features(real)
-    # Subsets are cast to float64 one at a time, keeping float32 features at half the memory.
-    f_fake = np.asarray(f_fake)
-    f_fake = as_features(f_fake, "f_fake", np.result_type(f_fake.dtype, np.float32))
+        real = GaussianStats.from_features(as_float(real, "f_real_stats_or_features"))
+    f_fake = as_float(f_fake, "f_fake")
     if f_fake.shape[1] != real.dim:
         raise InputError(
             f"f_fake has dimension {f_fake.shape[1]} but the real statistics {real.dim}; "
