@@ -292,3 +292,12 @@ def test_loss_rejects_bad_configuration():
         D.loss(_model, 1.0, x0, {"y": jnp.zeros(2)}, jax.random.key(0), label_dropout=0.1, **kw)
     with pytest.raises(InputError, match="prediction"):
         D.loss(_model, 1.0, x0, None, jax.random.key(0), process=D.VP(), prediction="noise")
+
+
+def test_clean_point_limits():
+    # At sigma = 0 an x0 prediction implies eps = 0 (the t -> 0 limit for a
+    # density with finite score) instead of 0 / 0.
+    p = D.EDM()
+    x = jnp.ones((2, 3))
+    x0, eps = D.to_x0_eps(x, "x0", x_t=x, t=jnp.zeros(2), process=p)
+    assert np.array_equal(np.asarray(eps), np.zeros((2, 3))) and np.array_equal(x0, x)

@@ -303,7 +303,7 @@ def test_many_steps_reach_true_mean_and_covariance(solver):
     [
         (D.EDM(), "heun", {"s_churn": 20.0}),
         (D.Flow(), "dpmpp_2m", None),
-        (D.VP(), "ddpm", None),
+        (D.VP(num_steps=None), "ddpm", None),
     ],
     ids=["edm-heun-churn", "flow-dpmpp2m", "vp-ddpm"],
 )
@@ -462,3 +462,31 @@ def test_generate_yields_uint8_batches_matching_sample():
 def test_to_uint8_rule():
     x = jnp.array([-2.0, -1.0, -1 + 0.5 / 127.5, -1 + 0.49 / 127.5, 0.0, 1.0, 3.0])
     assert S.to_uint8(x).tolist() == [0, 0, 1, 0, 128, 255, 255]
+
+
+def test_generate_passes_each_sample_its_condition():
+    seen = []
+
+    def model(x, t, cond):
+        seen.append(cond["y"])
+        return gaussian_x0(D.Flow())(x, t, cond) + 0.0 * cond["y"][:, None, None, None]
+
+    labels = {"y": jnp.arange(5.0)}
+    with jax.disable_jit():
+        batches = list(
+            S.generate(
+                model,
+                D.Flow(),
+                jax.random.key(0),
+                (2, 2, 1),
+                num=5,
+                batch_size=2,
+                cond=labels,
+                prediction="x0",
+                solver="euler",
+                steps=1,
+            )
+        )
+    assert sum(len(b) for b in batches) == 5
+    # Batches [0, 1], [2, 3], [4, 4 (padding: the last label repeated)].
+    assert [np.asarray(y).tolist() for y in seen] == [[0, 1], [2, 3], [4, 4]]
