@@ -66,8 +66,7 @@ def kid(
 
     For each subset ``s``, ``np.random.RandomState(seed)`` draws ``m =
     subset_size`` distinct rows of ``f_real``, then ``m`` distinct rows of
-    ``f_fake`` (``choice(n, m, replace=False)``, in torch-fidelity's order
-    with ``f_real`` as its first input; its default seed is 2020), and
+    ``f_fake`` (``choice(n, m, replace=False)``), and
 
         MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m - 1))
                 + sum_{i != j} k(y_i, y_j) / (m (m - 1))
@@ -76,7 +75,10 @@ def kid(
     Kernel matrices are float32 matmuls at ``precision=HIGHEST`` on device,
     reduced to row sums there; the row sums are added up in float64 on the
     host. The subsets are spread over the devices of ``mesh``; the result
-    depends on ``seed`` only, not on the device count.
+    depends on ``seed`` only, not on the device count. MMD^2 is symmetric
+    in the two sets, so ``kid(a, b, seed=s)`` reproduces torch-fidelity's
+    KID with ``input1`` features ``a``, ``input2`` features ``b`` and
+    ``rng_seed=s`` (its default is 2020), up to float32 rounding.
 
     Args:
       f_real: ``[N_real, D]`` features of real images.
