@@ -46,10 +46,11 @@ def ddim(denoise, x, ts, keys, process, *, eta: float = 0.0):
     ``eta^2 (sigma_s / sigma_t)^2 (sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2)``.
     """
 
+    alpha, sigma = process.alpha(ts), process.sigma(ts)  # once, not per step
+
     def step(x, i):
-        t, t1 = ts[i], ts[i + 1]
-        x0, eps = denoise(x, t)
-        a, s, a1, s1 = process.alpha(t), process.sigma(t), process.alpha(t1), process.sigma(t1)
+        x0, eps = denoise(x, ts[i])
+        a, s, a1, s1 = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
         if not eta:
             return a1 * x0 + s1 * eps, None
         var = eta**2 * (s1 / s) ** 2 * (s**2 - (a / a1 * s1) ** 2)
@@ -173,15 +174,16 @@ def dpmpp_2m(denoise, x, ts, keys, process):
     the first step, after an infinite log-SNR step, and into ``sigma = 0``.
     """
 
+    alpha, sigma, lam = process.alpha(ts), process.sigma(ts), _lam(process, ts)
+
     def step(carry, i):
         x, x0_prev, h_prev = carry
-        t, t1 = ts[i], ts[i + 1]
-        x0, _ = denoise(x, t)
-        h = _lam(process, t1) - _lam(process, t)
+        x0, _ = denoise(x, ts[i])
+        h = lam[i + 1] - lam[i]
         r = h_prev / h
         second = jnp.isfinite(h) & jnp.isfinite(h_prev)
         d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev, x0)
-        x = process.sigma(t1) / process.sigma(t) * x - process.alpha(t1) * jnp.expm1(-h) * d
+        x = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * jnp.expm1(-h) * d
         return (x, x0, h), None
 
     init = (x, jnp.zeros_like(x), jnp.full((), jnp.inf, ts.dtype))
@@ -197,12 +199,13 @@ def dpmpp_3m(denoise, x, ts, keys, process):
     differences ``D1, D2`` of the last three ``x0``; lower order while history is short.
     """
 
+    alpha, sigma, lam = process.alpha(ts), process.sigma(ts), _lam(process, ts)
+
     def step(carry, i):
         x, x0_1, x0_2, h_1, h_2 = carry
-        t, t1 = ts[i], ts[i + 1]
-        x0, _ = denoise(x, t)
-        a1 = process.alpha(t1)
-        h = _lam(process, t1) - _lam(process, t)
+        x0, _ = denoise(x, ts[i])
+        a1 = alpha[i + 1]
+        h = lam[i + 1] - lam[i]
         phi_2 = jnp.expm1(-h) / h + 1
         phi_3 = phi_2 / h - 0.5
         r0, r1 = h_1 / h, h_2 / h
@@ -212,7 +215,7 @@ def dpmpp_3m(denoise, x, ts, keys, process):
         ok2 = jnp.isfinite(h) & jnp.isfinite(h_1)
         ok3 = ok2 & jnp.isfinite(h_2)
         corr = jnp.where(ok3, phi_2 * d1 - phi_3 * d2, jnp.where(ok2, phi_2 * d1_0, 0.0))
-        x = process.sigma(t1) / process.sigma(t) * x - a1 * jnp.expm1(-h) * x0 + a1 * corr
+        x = sigma[i + 1] / sigma[i] * x - a1 * jnp.expm1(-h) * x0 + a1 * corr
         return (x, x0, x0_1, h, h_1), None
 
     inf = jnp.full((), jnp.inf, ts.dtype)
@@ -264,12 +267,13 @@ def unipc(denoise, x, ts, keys, process, *, order: int = 3, variant: str = "bh2"
     if variant not in ("bh1", "bh2") or order not in (1, 2, 3):
         raise InputError(f"unipc order={order}, variant={variant!r}: use 1..3 and 'bh1'/'bh2'.")
     p, lam = order, _lam(process, ts)
+    alpha, sigma = process.alpha(ts), process.sigma(ts)
     b_of = (lambda hh: hh) if variant == "bh1" else jnp.expm1
 
     def predict(k, x, m, hist_m, hist_lam, i):
         h, hh = lam[i + 1] - lam[i], lam[i] - lam[i + 1]
-        a1 = process.alpha(ts[i + 1])
-        x_ = process.sigma(ts[i + 1]) / process.sigma(ts[i]) * x - a1 * jnp.expm1(hh) * m
+        a1 = alpha[i + 1]
+        x_ = sigma[i + 1] / sigma[i] * x - a1 * jnp.expm1(hh) * m
         if k == 1:
             return x_
         rks = [(hist_lam[j] - lam[i]) / h for j in range(k - 1)]
@@ -279,9 +283,8 @@ def unipc(denoise, x, ts, keys, process, *, order: int = 3, variant: str = "bh2"
 
     def correct(k, x_prev, m_new, hist_m, hist_lam, i):
         h, hh = lam[i] - hist_lam[0], hist_lam[0] - lam[i]
-        a = process.alpha(ts[i])
-        ratio = process.sigma(ts[i]) / process.sigma(ts[i - 1])
-        x_ = ratio * x_prev - a * jnp.expm1(hh) * hist_m[0]
+        a = alpha[i]
+        x_ = sigma[i] / sigma[i - 1] * x_prev - a * jnp.expm1(hh) * hist_m[0]
         rks = [(hist_lam[j] - hist_lam[0]) / h for j in range(1, k)]
         rhos = _unipc_rhos(rks, hh, b_of(hh), k, corrector=True)
         res = sum(rhos[j - 1] * (hist_m[j] - hist_m[0]) / rks[j - 1] for j in range(1, k))
