@@ -1,4 +1,4 @@
-"""Score generated images against real ones: FID, sFID, IS, KID, precision/recall, density/coverage.
+"""Score generated images: FID, sFID, IS, KID, precision/recall, density/coverage, FID/IS-inf.
 
     python -m jaxgen.evaluate REAL FAKE --metrics fid,kid,pr --json out.json
 
@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", help="Inception weight file (default: cache / download)")
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0, help="seed of KID's subset draws")
+    p.add_argument("--inf-points", type=int, default=15, help="FID-inf/IS-inf: fitted points")
+    p.add_argument("--inf-min-n", type=int, default=5000, help="FID-inf/IS-inf: smallest N")
+    p.add_argument("--seed", type=int, default=0, help="seed of KID's and FID-inf's draws")
     p.add_argument("--num-real", type=int, help="use only the first N real images")
     p.add_argument("--num-fake", type=int, help="use only the first N fake images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         inception=load_inception(args.weights),
         kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size,
+        inf_points=args.inf_points,
+        inf_min_n=args.inf_min_n,
         seed=args.seed,
         num_real=args.num_real,
         num_fake=args.num_fake,

@@ -70,6 +70,22 @@ def test_same_images_score_as_identical(files, images, inception):
     assert r["precision"] == r["recall"] == r["coverage"] == 1.0
 
 
+def test_fid_infinity_from_the_same_pass(files, images, inception):
+    _, b = images
+    r = evaluate(files / "real", b, ["fid", "fid_inf"], inception=inception, progress=False,
+                 inf_points=3, inf_min_n=3)
+    points = r["fid_inf_points"]
+    assert [n for n, _ in points] == [3, 4, 6]
+    # the last point uses every fake image: it is the FID itself (a permutation of
+    # the same rows changes the float64 sums only by rounding)
+    assert points[-1][1] == pytest.approx(r["fid"], rel=1e-9)
+    assert np.isfinite(r["fid_inf"])
+    # the intercept of the least-squares line through the points, recomputed
+    inv_n = 1.0 / np.array([n for n, _ in points])
+    slope, intercept = np.polyfit(inv_n, [v for _, v in points], 1)
+    assert r["fid_inf"] == pytest.approx(intercept, rel=1e-9)
+
+
 def test_stats_file_gives_the_same_fid(files, fid_helper_wheel, inception):
     stats = files / "real_stats.npz"
     assert _run(fid_stats.main, [str(files / "real"), str(stats), "--weights",

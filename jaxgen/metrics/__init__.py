@@ -1,13 +1,36 @@
 """Evaluation: Inception-v3 features (TF-FID graph), statistics and metrics."""
 
+from jaxgen.metrics.evaluate import METRICS, evaluate
+from jaxgen.metrics.features import FeatureExtractor, extract_features
 from jaxgen.metrics.fid import frechet_distance
 from jaxgen.metrics.fid_infinity import Extrapolation, fid_infinity, is_infinity
+from jaxgen.metrics.inception import InceptionV3
 from jaxgen.metrics.inception_score import inception_score
 from jaxgen.metrics.kid import kid
 from jaxgen.metrics.prdc import density_coverage, prdc, precision_recall
 from jaxgen.metrics.qmc import sobol_normal
 from jaxgen.metrics.stats import GaussianStats, MomentAccumulator, read_npz, save_stats
+from jaxgen.metrics.weights import load_inception
 
-__all__ = ["GaussianStats", "MomentAccumulator", "frechet_distance", "read_npz", "save_stats"]
-__all__ += ["Extrapolation", "fid_infinity", "inception_score", "is_infinity", "kid"]
-__all__ += ["density_coverage", "prdc", "precision_recall", "sobol_normal"]
+__all__ = [
+    "METRICS",
+    "Extrapolation",
+    "FeatureExtractor",
+    "GaussianStats",
+    "InceptionV3",
+    "MomentAccumulator",
+    "density_coverage",
+    "evaluate",
+    "extract_features",
+    "fid_infinity",
+    "frechet_distance",
+    "inception_score",
+    "is_infinity",
+    "kid",
+    "load_inception",
+    "prdc",
+    "precision_recall",
+    "read_npz",
+    "save_stats",
+    "sobol_normal",
+]

@@ -24,12 +24,13 @@ from jaxgen.data import ArraySource, FirstN, ImageSource, eval_part, iterate_eva
 from jaxgen.errors import InputError
 from jaxgen.metrics.features import FeatureExtractor
 from jaxgen.metrics.fid import frechet_distance
+from jaxgen.metrics.fid_infinity import fid_infinity, is_infinity
 from jaxgen.metrics.inception_score import inception_score
 from jaxgen.metrics.kid import kid
 from jaxgen.metrics.prdc import prdc
 from jaxgen.metrics.stats import GaussianStats, MomentAccumulator, read_npz
 
-METRICS = ("fid", "sfid", "is", "kid", "pr", "dc")
+METRICS = ("fid", "sfid", "is", "kid", "pr", "dc", "fid_inf", "is_inf")
 
 
 @dataclasses.dataclass
@@ -109,10 +110,10 @@ class FeatureNeeds:
 def _needs(metrics: Sequence[str], fake: bool) -> FeatureNeeds:
     m = set(metrics)
     return FeatureNeeds(
-        pool3_stats="fid" in m,
+        pool3_stats=bool(m & {"fid", "fid_inf"}),
         spatial_stats="sfid" in m,
-        pool3=bool(m & {"kid", "pr", "dc"}),
-        logits=fake and "is" in m,
+        pool3=bool(m & {"kid", "pr", "dc"}) or (fake and "fid_inf" in m),
+        logits=fake and bool(m & {"is", "is_inf"}),
     )
 
 
@@ -160,10 +161,17 @@ def featurize(
     pid, count = jax.process_index(), jax.process_count()
     acc_pool, acc_spatial = MomentAccumulator(), MomentAccumulator()
     keep: dict[str, list[np.ndarray]] = {"pool3": [], "logits": []}
-    bar = tqdm(total=n, desc=f"features {side.name}", unit="img", file=sys.stderr,
-               disable=not progress or pid != 0, leave=False)
-    batches = iterate_eval(side.source, extractor.local_batch, process_index=pid,
-                           process_count=count)
+    bar = tqdm(
+        total=n,
+        desc=f"features {side.name}",
+        unit="img",
+        file=sys.stderr,
+        disable=not progress or pid != 0,
+        leave=False,
+    )
+    batches = iterate_eval(
+        side.source, extractor.local_batch, process_index=pid, process_count=count
+    )
     steps = 0
     for images in batches:
         f = extractor(images, side.name)
@@ -205,6 +213,8 @@ def evaluate(
     pr_k: int = 3,
     dc_k: int = 5,
     is_splits: int = 10,
+    inf_points: int = 15,
+    inf_min_n: int = 5000,
     seed: int = 0,
     num_real: int | None = None,
     num_fake: int | None = None,
@@ -223,14 +233,18 @@ def evaluate(
       kid_subsets, kid_subset_size: KID's subsets (torch-fidelity's defaults).
       pr_k, dc_k: neighbourhood sizes for precision/recall and density/coverage.
       is_splits: Inception Score splits (rows in order, as the original code).
-      seed: seed of KID's subset draws.
+      inf_points, inf_min_n: FID-inf / IS-inf fit at ``inf_points`` sample
+        counts from ``inf_min_n`` to all fake images (Chong & Forsyth 2020).
+      seed: seed of KID's subset draws and of FID-inf/IS-inf's subsets.
       num_real, num_fake: use only the first this many images of a side.
       progress: show a progress bar on stderr.
 
     Returns:
       A flat dict: each requested metric's keys (``fid``, ``sfid``,
       ``is_mean``/``is_std``, ``kid_mean``/``kid_std``, ``precision``/
-      ``recall``, ``density``/``coverage``), ``n_real``, ``n_fake`` and
+      ``recall``, ``density``/``coverage``, ``fid_inf``/``is_inf`` with
+      ``fid_inf_points``/``is_inf_points`` as ``[[N, score], ...]``),
+      ``n_real``, ``n_fake`` and
       ``weights`` (which Inception weights were used).
     """
     metrics = list(dict.fromkeys(metrics))
@@ -238,8 +252,10 @@ def evaluate(
     if unknown or not metrics:
         raise InputError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}.")
     sides = {"real": open_side(real, "real", num_real), "fake": open_side(fake, "fake", num_fake)}
-    if "is" in metrics and sides["fake"].source is None:
-        raise InputError(f"{sides['fake'].name}: IS needs the fake images, not statistics.")
+    if {"is", "is_inf", "fid_inf"} & set(metrics) and sides["fake"].source is None:
+        raise InputError(
+            f"{sides['fake'].name}: IS, IS-inf and FID-inf need the fake images, not statistics."
+        )
     if inception is None:
         from jaxgen.metrics.weights import load_inception
 
@@ -248,14 +264,16 @@ def evaluate(
     todo = {k: s for k, s in sides.items() if _needs(metrics, fake=k == "fake").any_images(s)}
     if todo:
         # No step larger than the data: padding 6 images to 100 would waste 94 images of work.
-        largest = max((len(s.source) for s in todo.values() if s.source is not None),
-                      default=batch_size)
+        largest = max(
+            (len(s.source) for s in todo.values() if s.source is not None), default=batch_size
+        )
         extractor = FeatureExtractor(*inception, batch_size=min(batch_size, largest), mesh=mesh)
     feats: dict[str, dict] = {}
     for key, side in sides.items():
         if key in todo:
-            feats[key] = featurize(side, _needs(metrics, fake=key == "fake"), extractor,
-                                   progress=progress)
+            feats[key] = featurize(
+                side, _needs(metrics, fake=key == "fake"), extractor, progress=progress
+            )
         else:
             feats[key] = {}
         if side.stats is not None and "pool3_stats" not in feats[key]:
@@ -280,13 +298,28 @@ def evaluate(
             real_f["pool3"], fake_f["pool3"], kid_subsets, kid_subset_size, seed, mesh=mesh
         )
     if "pr" in metrics or "dc" in metrics:
-        r = prdc(real_f["pool3"], fake_f["pool3"], k_pr=pr_k if "pr" in metrics else None,
-                 k_dc=dc_k if "dc" in metrics else None, mesh=mesh)
+        r = prdc(
+            real_f["pool3"],
+            fake_f["pool3"],
+            k_pr=pr_k if "pr" in metrics else None,
+            k_dc=dc_k if "dc" in metrics else None,
+            mesh=mesh,
+        )
         out.update({k: float(v) for k, v in r.items()})
+    if "fid_inf" in metrics:
+        fit = fid_infinity(real_f["pool3_stats"], fake_f["pool3"], inf_points, inf_min_n, seed)
+        out["fid_inf"], out["fid_inf_points"] = fit.value, _points(fit)
+    if "is_inf" in metrics:
+        fit = is_infinity(fake_f["logits"], inf_points, inf_min_n, seed)
+        out["is_inf"], out["is_inf_points"] = fit.value, _points(fit)
     out["n_real"] = _count(sides["real"], real_f)
     out["n_fake"] = _count(sides["fake"], fake_f)
     out["weights"] = inception[0].source
     return out
+
+
+def _points(fit) -> list[list[float]]:
+    return [[int(n), float(v)] for n, v in zip(fit.n, fit.scores, strict=True)]
 
 
 def _count(side: Side, f: dict) -> int | None:
