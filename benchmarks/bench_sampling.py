@@ -135,6 +135,9 @@ def plot(rows, path: str) -> None:
     for i, (color, solver) in enumerate(zip(COLORS, rows, strict=False)):
         draw.line([2 * w + 10, 40 + 18 * i, 2 * w + 30, 40 + 18 * i], fill=color, width=3)
         draw.text((2 * w + 36, 33 + 18 * i), solver, fill="black")
+    notes = ("on EDM, ddim = euler;", "unipc bh1 ~ bh2 (B(h)", "cancels at order 3)")
+    for j, note in enumerate(notes):
+        draw.text((2 * w + 10, 60 + 18 * len(rows) + 14 * j), note, fill="black")
     img.save(path)
 
 
