@@ -301,3 +301,19 @@ def test_clean_point_limits():
     x = jnp.ones((2, 3))
     x0, eps = D.to_x0_eps(x, "x0", x_t=x, t=jnp.zeros(2), process=p)
     assert np.array_equal(np.asarray(eps), np.zeros((2, 3))) and np.array_equal(x0, x)
+
+
+def test_flow_matching_loss_is_rectified_flow_objective():
+    # Esser et al. (2024), Eq. 2 with the logit-normal t of Eq. 19: ||v(x_t) - (eps - x0)||^2.
+    p = D.Flow()
+    x0 = jax.random.normal(jax.random.key(0), (8, 3))
+    key = jax.random.key(4)
+    value, _ = D.loss(
+        _model, 0.4, x0, None, key, process=p, prediction="velocity", time_sampler="logit_normal"
+    )
+    k_t, k_eps, _ = jax.random.split(key, 3)
+    t = jax.nn.sigmoid(jax.random.normal(k_t, (8,)))
+    eps = jax.random.normal(k_eps, x0.shape)
+    x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
+    want = jnp.mean((_model(0.4, x_t, t, None) - (eps - x0)) ** 2)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
