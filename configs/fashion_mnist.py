@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 2000  # 0: only at eval.at_minutes
+    c.eval.every_steps = 5000  # 0: only at eval.at_minutes
     c.eval.at_minutes = (10.0, 30.0, 60.0)  # minutes of training
     c.eval.solver = "euler"
     c.eval.steps = 20

@@ -233,18 +233,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         while step < config.train.num_steps:
             tick = time.perf_counter()
             state, metrics = train_step(state, next(data))
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            checks = {k: float(metrics[k]) for k in ("loss", "grad_norm", "update_norm")}
+            loss, grad_norm = checks["loss"], checks["grad_norm"]
             train_seconds += time.perf_counter() - tick
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if not all(map(math.isfinite, checks.values())):
+                # The state after this step is never saved: the last checkpoint stays good.
                 kept = ckpt.steps()
                 where = f"step {kept[-1]} in {ckpt.directory}" if kept else "none"
-                writer.write(step + 1, {"loss": loss, "grad_norm": grad_norm})
+                writer.write(step + 1, checks)
                 writer.close()
                 ckpt.close()
+                data.close()
+                bar.close()
+                found = ", ".join(f"{k}={v}" for k, v in checks.items())
                 raise TrainingDiverged(
-                    f"loss={loss}, grad_norm={grad_norm} at step {step + 1}: training diverged "
-                    f"and stopped. Last good checkpoint: {where}. Lower optim.lr, set "
-                    "optim.grad_clip, or check the data."
+                    f"{found} at step {step + 1}: training diverged and stopped. Last good "
+                    f"checkpoint: {where}. Lower optim.lr, set optim.grad_clip, or check the data."
                 )
             step += 1
             window += 1

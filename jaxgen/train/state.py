@@ -233,7 +233,7 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, dict], tuple[TrainSta
 
     ``batch`` holds ``image`` (uint8 NHWC, global, batch-sharded) and, for a
     class-conditional model, ``label``. The state is donated. ``metrics``
-    (replicated scalars): ``loss``, ``distance``, ``grad_norm``, ``lr``.
+    (replicated scalars): ``loss``, ``distance``, ``grad_norm``, ``update_norm``, ``lr``.
     """
     cfg = setup.config
     tx = setup.optimizer
@@ -266,7 +266,8 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, dict], tuple[TrainSta
             ema[ema_name(decay)] = jax.tree.map(
                 lambda n, o: jnp.where(updated, n, o), new, state.ema[ema_name(decay)]
             )
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=setup.schedule(n_updates))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                       update_norm=optax.tree.norm(updates), lr=setup.schedule(n_updates))
         new_state = state.replace(step=state.step + 1, params=params, ema=ema,
                                   opt_state=opt_state)
         return new_state, metrics
