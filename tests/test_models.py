@@ -127,21 +127,25 @@ def test_dit_param_counts_other_patches(name):
     )
 
 
-def ddpm_count_from_paper(ch=128, ch_mult=(1, 2, 2, 2), blocks=2, attn_res=(16,), size=32) -> int:
-    """Parameters of the DDPM U-Net walked through from its published configuration.
+def unet_count_from_paper(ch=128, ch_mult=(1, 2, 2, 2), blocks=2, attn_res=(16,), size=32,
+                          scale_shift=False, updown=False, classes=0, out=3) -> int:
+    """Parameters of a DDPM/ADM U-Net walked through from its published configuration.
 
     Time MLP ch -> 4ch -> 4ch; res blocks GN-conv3-(+Dense(temb))-GN-conv3 with
-    a 1x1 shortcut on channel change; attention GN + q, k, v, proj (1x1);
-    stride-2 conv down, nearest + conv up; GN + conv3 to 3 channels out.
+    a 1x1 shortcut on channel change (ADM scale-shift: the Dense gives 2x
+    channels); attention GN + q, k, v, proj (1x1); down/up by stride-2 conv /
+    nearest + conv (DDPM) or by a residual block (ADM); GN + conv3 out; a
+    class table of ``classes`` + 1 (null) rows of width 4ch.
     """
     conv = lambda i, o: 9 * i * o + o
     lin = lambda i, o: i * o + o
     gn = lambda c: 2 * c
     temb = 4 * ch
-    res = lambda i, o: gn(i) + conv(i, o) + lin(temb, o) + gn(o) + conv(o, o) + (
-        lin(i, o) if i != o else 0)
+    res = lambda i, o: gn(i) + conv(i, o) + lin(temb, (2 if scale_shift else 1) * o) + gn(o) + (
+        conv(o, o) + (lin(i, o) if i != o else 0))
     attn = lambda c: gn(c) + 4 * lin(c, c)
-    n = lin(ch, temb) + lin(temb, temb) + conv(3, ch)
+    resample = lambda c: res(c, c) if updown else conv(c, c)
+    n = lin(ch, temb) + lin(temb, temb) + conv(3, ch) + (classes + 1) * temb * (classes > 0)
     skips, c, r = [ch], ch, size
     for level, m in enumerate(ch_mult):
         for _ in range(blocks):
@@ -149,7 +153,7 @@ def ddpm_count_from_paper(ch=128, ch_mult=(1, 2, 2, 2), blocks=2, attn_res=(16,)
             c = ch * m
             skips.append(c)
         if level != len(ch_mult) - 1:
-            n += conv(c, c)
+            n += resample(c)
             skips.append(c)
             r //= 2
     n += 2 * res(c, c) + attn(c)
@@ -158,17 +162,26 @@ def ddpm_count_from_paper(ch=128, ch_mult=(1, 2, 2, 2), blocks=2, attn_res=(16,)
             n += res(c + skips.pop(), ch * m) + (attn(ch * m) if r in attn_res else 0)
             c = ch * m
         if level != 0:
-            n += conv(c, c)
+            n += resample(c)
             r *= 2
-    return n + gn(c) + conv(c, 3)
+    return n + gn(c) + conv(c, out)
 
 
 def test_ddpm_cifar10_param_count_matches_paper():
     variables = abstract_init(unet("ddpm-cifar10"), S((1, 32, 32, 3), jnp.float32),
                               S((1,), jnp.float32))
     n = count_params(variables["params"])
-    assert n == ddpm_count_from_paper() == 35_746_307
+    assert n == unet_count_from_paper() == 35_746_307
     assert round(n / 1e5) == 357  # "35.7M" in the DDPM paper
+
+
+def test_adm_imagenet64_param_count_matches_paper():
+    variables = abstract_init(unet("adm-imagenet64"), S((1, 64, 64, 3), jnp.float32),
+                              S((1,), jnp.float32), {"label": S((1,), jnp.int32)})
+    n = count_params(variables["params"])
+    assert n == unet_count_from_paper(192, (1, 2, 3, 4), 3, (32, 16, 8), 64, scale_shift=True,
+                                      updown=True, classes=1000, out=6)
+    assert round(n / 1e6) == 296  # ADM paper, ImageNet 64x64
 
 
 # ---------------------------------------------------------------- shapes and inputs
@@ -201,7 +214,7 @@ def test_presets_build_and_run():
     small = create_model("unet-small")
     out = jax.eval_shape(small.apply, abstract_init(small, x, t), x, t)
     assert out.shape == x.shape
-    assert len(MODEL_NAMES) == 14
+    assert len(MODEL_NAMES) == 15
     assert create_model("DiT-XL/8").patch == 8
 
 

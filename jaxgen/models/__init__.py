@@ -37,7 +37,9 @@ MODEL_NAMES: tuple[str, ...] = (
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """A model by name: ``"DiT-S/2"`` ... ``"DiT-XL/8"``, ``"unet-ddpm-cifar10"``, ``"unet-small"``.
+    """A model by name: ``"DiT-S/2"`` ... ``"DiT-XL/8"``, or ``"unet-"`` + a U-Net preset.
+
+    U-Net presets: ``"unet-ddpm-cifar10"``, ``"unet-adm-imagenet64"``, ``"unet-small"``.
 
     Keyword arguments override the preset's fields (e.g. ``num_classes=10``,
     ``dtype=jnp.bfloat16``).

@@ -15,6 +15,10 @@ Presets (:data:`UNET_PRESETS`):
 - ``"ddpm-cifar10"``: the DDPM CIFAR-10 model (ch 128, mult 1,2,2,2, two
   blocks per level, attention at 16x16, dropout 0.1): 35,746,307
   parameters, the paper's 35.7M.
+- ``"adm-imagenet64"``: ADM's class-conditional ImageNet 64x64 model (ch 192,
+  mult 1,2,3,4, three blocks, attention at 32/16/8 with 64-channel heads,
+  scale-shift norm, residual up/down, learned sigma): 295,905,222
+  parameters, the paper's 296M (768 of them the null-class row).
 - ``"small"``: a CPU-friendly model for 28x28 and 32x32 (ch 32, mult 1,2,2,
   attention at 7x7/8x8 and in the middle, ADM scale-shift): 1,742,881
   parameters for 1-channel input.
@@ -256,6 +260,18 @@ class UNet(nn.Module):
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "ddpm-cifar10": dict(
         ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(1,), dropout=0.1
+    ),
+    "adm-imagenet64": dict(
+        ch=192,
+        ch_mult=(1, 2, 3, 4),
+        num_res_blocks=3,
+        attention_levels=(1, 2, 3),
+        head_channels=64,
+        dropout=0.1,
+        scale_shift=True,
+        resblock_updown=True,
+        num_classes=1000,
+        learn_sigma=True,
     ),
     "small": dict(
         ch=32,
