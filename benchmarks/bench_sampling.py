@@ -163,38 +163,45 @@ def conv_model(key, channels: int = 32):
     return model_fn
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
 
 
 def overhead(repeats: int, shape=(16, 32, 32, 3)):
-    """Time ``sample`` against NFE standalone model calls and against a bare loop of them."""
+    """Time ``sample`` against NFE standalone model calls and against a bare loop of them.
+
+    The three timings are interleaved within each repeat, so a change of load
+    on a shared machine hits all three alike; medians over repeats.
+    """
     process = D.EDM()
     model = conv_model(jax.random.key(0), channels=64)
     x = jax.random.normal(jax.random.key(1), shape)
     t = jnp.full((shape[0],), 1.0)
     one_call = jax.jit(lambda x, t: model(x, t, None))
-    jax.block_until_ready(one_call(x, t))
-    t_model = _median_time(lambda: one_call(x, t), 4 * repeats)
     results = []
     for solver, steps in (("euler", 20), ("dpmpp_2m", 20), ("heun", 10), ("unipc_bh2", 20)):
         run = lambda solver=solver, steps=steps: S.sample(
             model, process, jax.random.key(0), shape, prediction="x0", solver=solver, steps=steps
-        )
-        x0, info = run()
-        nfe = info["nfe"]
+        )[0]
+        nfe = S.sample(
+            model, process, jax.random.key(0), shape, prediction="x0", solver=solver, steps=steps
+        )[1]["nfe"]
         # The floor: the same NFE model calls chained in one jitted loop, nothing else.
-        loop = jax.jit(
-            lambda x, nfe=nfe: jax.lax.fori_loop(0, nfe, lambda i, x: model(x, t, None), x)
+        loop = jax.jit(lambda x, n=nfe: jax.lax.fori_loop(0, n, lambda i, x: model(x, t, None), x))
+        jax.block_until_ready((run(), loop(x), one_call(x, t)))
+        times = np.array(
+            [
+                (
+                    _timed(run),
+                    _timed(lambda loop=loop: loop(x)),
+                    np.median([_timed(lambda: one_call(x, t)) for _ in range(5)]),
+                )
+                for _ in range(repeats)
+            ]
         )
-        jax.block_until_ready((x0, loop(x)))
-        t_sample = _median_time(lambda run=run: run()[0], repeats)
-        t_loop = _median_time(lambda loop=loop: loop(x), repeats)
+        t_sample, t_loop, t_model = np.median(times, axis=0)
         results.append((solver, nfe, t_sample, t_model, t_loop))
     return results
 
