@@ -308,21 +308,40 @@ def test_many_steps_reach_true_mean_and_covariance(solver):
     ids=["edm-heun-churn", "flow-dpmpp2m", "vp-ddpm"],
 )
 def test_all_prediction_types_give_the_same_trajectory(process, solver, options):
+    # The driver's own jitted body for each prediction type, all in one compilation.
     x0_fn = MIXTURE.denoiser(process)
-    outs = {}
-    for pred in D.PREDICTIONS:
-        if isinstance(process, D.Flow) and pred in ("eps", "score"):
-            continue
-        outs[pred], _ = S.sample(
-            as_prediction(x0_fn, process, pred),
-            process,
-            jax.random.key(9),
-            (64, 2),
-            prediction=pred,
-            solver=solver,
-            steps=12,
-            solver_options=options,
-        )
+    preds = [
+        p for p in D.PREDICTIONS if not (isinstance(process, D.Flow) and p in ("eps", "score"))
+    ]
+    _, opts = driver._check_solver(solver, options)
+    ts = jnp.asarray(S.make_grid(process.default_grid, process, 12), jnp.float32)
+
+    def run_all(key):
+        return {
+            pred: driver._run(
+                driver._Config(
+                    as_prediction(x0_fn, process, pred),
+                    process,
+                    pred,
+                    solver,
+                    opts,
+                    (64, 2),
+                    False,
+                    None,
+                    None,
+                ),
+                key,
+                0,
+                ts,
+                None,
+                None,
+                None,
+                S.Guidance(1.0).dynamic(),
+            )
+            for pred in preds
+        }
+
+    outs = jax.jit(run_all)(jax.random.key(9))
     # Each evaluation converts x0 -> pred -> (x0, eps) in float32; the worst
     # conditioning is 1/sigma_min (~500 on EDM), so ~1e-7 * 500 per step, over 12 steps.
     for pred, x in outs.items():
