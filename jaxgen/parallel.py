@@ -39,9 +39,10 @@ def initialize_distributed(
         if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"):
             jax.distributed.initialize()  # JAX reads the cluster's own environment
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        # CPU collectives across processes need gloo (the default has none).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU collectives across processes need gloo (the default has none); the option only
+    # affects the CPU backend. (Asking jax.default_backend() here would start the backends,
+    # after which jax.distributed.initialize refuses to run.)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 

@@ -1,0 +1,345 @@
+"""Training engine: one step, resume bit for bit, corrupt checkpoints, divergence, FSDP, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import configs.fashion_mnist as default_config
+from jaxgen.data import ArraySource
+from jaxgen.errors import InputError
+from jaxgen.models import count_params
+from jaxgen.parallel import make_mesh
+from jaxgen.train import (
+    Checkpointer,
+    TrainingDiverged,
+    abstract_state,
+    ema_decay,
+    image_grid,
+    init_state,
+    loop,
+    make_setup,
+    make_train_step,
+    read_events,
+    train_and_evaluate,
+)
+from jaxgen.train.state import param_sharding_summary
+from jaxgen.train.writers import TensorBoardWriter, crc32c
+
+TINY_PARAMS = 45_201
+
+
+def tiny_images(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Small structured 8x8 grayscale images (bars whose position is the label) + labels."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 4
+    images = rng.integers(0, 40, (n, 8, 8, 1), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 2 * y : 2 * y + 2] = 220
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> str:
+    """An ADM-layout npz of the tiny images, usable as ``config.data.source``."""
+    images, labels = tiny_images()
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, arr_0=images, arr_1=labels)
+    return str(path)
+
+
+def tiny_config(source: str, **overrides) -> ml_collections.ConfigDict:
+    """The default recipe shrunk to a 45k-parameter U-Net on 8x8 images, no FID."""
+    c = default_config.get_config()
+    c.data.source = source
+    c.data.batch_size = 8
+    c.model.kwargs = ml_collections.ConfigDict(dict(
+        ch=8, ch_mult=(1, 2), num_res_blocks=1, attention_levels=(), head_channels=8,
+        num_groups=4, dropout=0.1, num_classes=4, class_dropout=0.1,
+    ))
+    c.optim.warmup_steps = 2
+    c.train.num_steps = 4
+    c.train.ema_decays = (0.9, 0.99)
+    c.train.log_every = 1
+    c.checkpoint.every_steps = 2
+    c.eval.every_steps = 0
+    c.eval.at_minutes = ()
+    c.eval.batch_size = 16
+    c.eval.steps = 2
+    c.eval.fid_samples = 0
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def leaves(tree) -> list[np.ndarray]:
+    return [np.array(x) for x in jax.tree.leaves(tree)]  # copies: the step donates its input
+
+
+def assert_same(a, b) -> None:
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def setup_of(config, mesh=None):
+    mesh = make_mesh() if mesh is None else make_mesh(fsdp=config.train.fsdp)
+    return make_setup(config, mesh, (8, 8, 1), config.train.num_steps)
+
+
+def batch_of(setup, n: int = 8) -> dict:
+    images, labels = tiny_images(n)
+    return {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32)}
+
+
+def test_one_step_changes_params_and_is_finite(data_file):
+    config = tiny_config(data_file, **{"optim.warmup_steps": 0})
+    setup = setup_of(config)
+    state = init_state(setup, seed=0)
+    assert count_params(state.params) == TINY_PARAMS
+    before = leaves(state.params)
+    step = make_train_step(setup)
+    state, metrics = step(state, batch_of(setup))
+    assert int(state.step) == 1
+    # The zero-initialised output layer is all the first step can move (the rest gets no
+    # gradient through it); the second reaches every layer not behind another zero-initialised
+    # residual branch (38 of 111 arrays).
+    out_layer = np.array(state.params["conv_out"]["kernel"])
+    assert np.abs(out_layer).max() > 0
+    state, metrics = step(state, batch_of(setup))
+    for k in ("loss", "grad_norm", "update_norm", "lr"):
+        assert np.isfinite(float(metrics[k])), k
+    assert float(metrics["loss"]) > 0
+    changed = [not np.array_equal(a, b) for a, b in zip(before, leaves(state.params), strict=True)]
+    assert sum(changed) >= 30
+    assert float(metrics["lr"]) == pytest.approx(config.optim.lr)
+    assert set(state.ema) == {"0.9", "0.99"}
+
+
+def test_gradient_accumulation_updates_every_k_steps(data_file):
+    config = tiny_config(data_file, **{"optim.grad_accum": 2, "optim.warmup_steps": 0})
+    setup = setup_of(config)
+    state = init_state(setup, seed=0)
+    step = make_train_step(setup)
+    p0 = leaves(state.params)
+    state, _ = step(state, batch_of(setup))
+    assert all(np.array_equal(a, b) for a, b in zip(p0, leaves(state.params), strict=True))
+    state, _ = step(state, batch_of(setup))
+    assert not all(np.array_equal(a, b) for a, b in zip(p0, leaves(state.params), strict=True))
+
+
+def test_ema_decay_warmup():
+    n = jnp.asarray([0, 10, 10_000])
+    np.testing.assert_allclose(ema_decay(0.999, n, True), [0.1, 11 / 20, 0.999], rtol=1e-6)
+    np.testing.assert_allclose(ema_decay(0.999, n, False), [0.999] * 3, rtol=1e-6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """Reuse compilations between the runs of this module (identical configs, identical HLO)."""
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+
+
+@pytest.fixture(scope="module")
+def straight(data_file, tmp_path_factory):
+    """An uninterrupted 4-step run: ``(final state, workdir)``."""
+    workdir = tmp_path_factory.mktemp("straight")
+    return train_and_evaluate(tiny_config(data_file), str(workdir)), workdir
+
+
+def test_resume_after_stop_equals_uninterrupted(data_file, straight, tmp_path):
+    state, workdir = straight
+    train_and_evaluate(tiny_config(data_file, **{"train.num_steps": 2}), str(tmp_path))
+    resumed = train_and_evaluate(tiny_config(data_file), str(tmp_path))
+    assert int(resumed.step) == 4
+    assert_same(state, resumed)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 0, "params": TINY_PARAMS}
+    assert [x["step"] for x in lines[1:]] == [1, 2, 3, 4]
+    (events,) = (workdir / "tb").iterdir()
+    assert [s for s, _ in read_events(events)] == [0, 1, 2, 3, 4]
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["num_steps"] == 4
+
+
+class _SigtermAt(ArraySource):
+    """An ArraySource that sends SIGTERM to this process on its ``k``-th read."""
+
+    def __init__(self, images, labels, k):
+        super().__init__(images, "sigterm-source", labels=labels)
+        self.reads, self.k = 0, k
+
+    def read_with_labels(self, indices):
+        self.reads += 1
+        if self.reads == self.k:
+            signal.raise_signal(signal.SIGTERM)
+        return super().read_with_labels(indices)
+
+
+def test_sigterm_checkpoints_and_resume_is_bit_exact(data_file, straight, tmp_path, monkeypatch):
+    config = tiny_config(data_file, **{"checkpoint.every_steps": 100})
+    images, labels = tiny_images()
+    monkeypatch.setattr(loop, "open_source", lambda spec: _SigtermAt(images, labels, 2))
+    stopped = train_and_evaluate(config, str(tmp_path))
+    assert 1 <= int(stopped.step) < 4
+    assert Checkpointer(tmp_path / "checkpoints").steps() == [int(stopped.step)]
+    monkeypatch.undo()
+    resumed = train_and_evaluate(config, str(tmp_path))
+    assert int(resumed.step) == 4
+    assert_same(straight[0], resumed)
+
+
+def test_corrupt_latest_checkpoint_falls_back(data_file, straight, tmp_path, capfd):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight[1], workdir)
+    ckpts = workdir / "checkpoints"
+    assert Checkpointer(ckpts).steps() == [2, 4]
+    for f in (ckpts / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0garbage" * 8)
+    capfd.readouterr()
+    config = tiny_config(data_file)
+    state, extra, step = Checkpointer(ckpts).restore_latest(abstract_state(setup_of(config)))
+    err = capfd.readouterr().err
+    assert step == 2 and int(state.step) == 2 and extra["data"]["step"] == 2
+    assert "checkpoints/4 is unreadable" in err and "previous one" in err
+    assert (ckpts / "4.corrupt-0").is_dir() and Checkpointer(ckpts).steps() == [2]
+    again = train_and_evaluate(config, str(workdir))  # resumes at 2, redoes 3..4
+    assert_same(straight[0], again)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(data_file, straight, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight[1], workdir)
+    bad = tiny_config(data_file, **{"optim.lr": float("inf"), "checkpoint.every_steps": 1,
+                                    "train.num_steps": 6})
+    with pytest.raises(TrainingDiverged, match=r"at step 5: training diverged.*step 4 in"):
+        train_and_evaluate(bad, str(workdir))
+    assert Checkpointer(workdir / "checkpoints").steps() == [2, 4]
+    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 5 and last["update_norm"] is None
+
+
+def test_fsdp_shards_params_and_optimizer_state_by_logical_axes(data_file):
+    config = tiny_config(data_file, **{"train.fsdp": 4})
+    setup = setup_of(config, mesh="fsdp")
+    assert dict(setup.mesh.shape) == {"data": 2, "fsdp": 4}
+    state = init_state(setup, seed=0)
+    specs = param_sharding_summary(state)
+    # conv_in kernel: (kernel_h, kernel_w, channels, embed) -> embed on fsdp.
+    assert specs["conv_in/kernel"] == (None, None, None, "fsdp")
+    assert specs["norm_out/scale"] == ()
+    kernel = state.params["conv_in"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape == (3, 3, 1, 2)
+    mu = state.opt_state.inner_opt_state[1][0].mu["conv_in"]["kernel"]
+    assert mu.sharding.spec == kernel.sharding.spec
+    ema = state.ema["0.9"]["conv_in"]["kernel"]
+    assert ema.sharding.spec == kernel.sharding.spec
+    # Same numbers as the unsharded step.
+    plain = setup_of(tiny_config(data_file))
+    a, _ = make_train_step(setup)(state, batch_of(setup))
+    b, _ = make_train_step(plain)(init_state(plain, seed=0), batch_of(plain))
+    for x, y in zip(leaves(a.params), leaves(b.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_config_values_are_input_errors(data_file):
+    with pytest.raises(InputError, match="diffusion.process='ve'"):
+        setup_of(tiny_config(data_file, **{"diffusion.process": "ve"}))
+    with pytest.raises(InputError, match="optim.schedule"):
+        setup_of(tiny_config(data_file, **{"optim.schedule": "linear"}))
+    with pytest.raises(InputError, match="compute_dtype"):
+        setup_of(tiny_config(data_file, **{"train.compute_dtype": "float16"}))
+
+
+def test_bfloat16_compute_step_is_finite(data_file):
+    setup = setup_of(tiny_config(data_file, **{"train.compute_dtype": "bfloat16"}))
+    state = init_state(setup, seed=0)
+    assert jax.tree.leaves(state.params)[0].dtype == jnp.float32  # storage stays float32
+    state, metrics = make_train_step(setup)(state, batch_of(setup))
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_tensorboard_events_round_trip(tmp_path):
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    w = TensorBoardWriter(tmp_path)
+    w.scalars(3, {"loss": 0.5, "fid": 12.25})
+    w.scalars(7, {"loss": float("nan")})
+    w.close()
+    events = read_events(w.path)
+    assert events[0] == (3, {"loss": 0.5, "fid": 12.25})
+    assert events[1][0] == 7 and np.isnan(events[1][1]["loss"])
+
+
+def test_image_grid_layout():
+    images = np.stack([np.full((2, 3, 1), i, np.uint8) for i in range(1, 11)])
+    grid = image_grid(images, cols=4, pad=1)
+    assert grid.shape == (3 * 3 + 1, 4 * 4 + 1, 1)
+    assert grid[1, 1, 0] == 1 and grid[1, 5, 0] == 2 and grid[4, 1, 0] == 5
+    assert grid[7, 9, 0] == 0  # the missing 11th tile stays empty
+
+
+_WORKER = """
+import sys
+import numpy as np
+import jax
+sys.path[:0] = [{repo!r}, {tests!r}]
+from test_train import tiny_config
+from jaxgen.train import train_and_evaluate
+state = train_and_evaluate(tiny_config({data!r}), {workdir!r})
+assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state)]
+if jax.process_index() == 0:
+    np.savez({out!r}, *leaves)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(data_file, straight, tmp_path):
+    """2 processes x 4 CPU devices (jax.distributed, gloo) == 1 process x 8 devices.
+
+    Equal to float32 rounding: gloo's cross-process all-reduce adds the gradient shards in
+    another order than the in-process one (a few 1-ulp differences after 4 steps).
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "params.npz"
+    code = _WORKER.format(repo=str(repo), tests=str(repo / "tests"), data=data_file,
+                          workdir=str(tmp_path / "run"), out=str(out))
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   JAX_PLATFORMS="cpu", JAXGEN_COORDINATOR=f"localhost:{port}",
+                   JAXGEN_NUM_PROCESSES="2", JAXGEN_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=repo,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    logs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    got = np.load(out)
+    want = leaves(straight[0])
+    assert len(got.files) == len(want)
+    for i, w in enumerate(want):
+        np.testing.assert_allclose(got[f"arr_{i}"], w, rtol=1e-5, atol=1e-7)
