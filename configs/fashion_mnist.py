@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.prediction = "velocity"  # eps | x0 | v | velocity | score
     c.diffusion.precond = "none"  # none | edm (Karras et al. 2022 preconditioning; predicts x0)
     c.diffusion.sigma_data = 0.5  # for precond="edm"
+    c.diffusion.time_scale = 1.0  # the network sees time_scale * t (precond="none")
     c.diffusion.time_sampler = "logit_normal"  # uniform | lognormal | logit_normal | discrete
     c.diffusion.time_sampler_kwargs = ml_collections.ConfigDict()
     c.diffusion.weighting = "uniform"  # uniform | min_snr | edm | p2

@@ -82,3 +82,18 @@ def test_train_cli_bad_config_value_is_one_line():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: diffusion.process='ve'")
+
+
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_describes_itself_offline(name):
+    import importlib
+
+    from jaxgen.train import describe
+
+    module = importlib.import_module(f"configs.{name}")
+    assert "python -m jaxgen.train --config configs/" in module.__doc__  # the exact command
+    text = describe(module.get_config(), "/nonexistent")
+    assert " parameters, compute " in text and "eval: " in text

@@ -43,31 +43,61 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN or infinite; the run stopped."""
 
 
-def open_data(config: ml_collections.ConfigDict):
+def open_data(config: ml_collections.ConfigDict, download: bool = True):
     """The training source and the image shape the model sees (after resize and padding)."""
-    source = open_source(config.data.source)
-    shape = source.image_shape
-    if shape is None:
+    source = open_source(config.data.source, tfds_download=download)
+    return source, model_shape(config, source.image_shape)
+
+
+def model_shape(config: ml_collections.ConfigDict, stored: tuple | None) -> tuple[int, int, int]:
+    """``(H, W, C)`` of the model's input given the stored image shape (``None``: varies)."""
+    side = config.data.pad_to or config.data.resolution
+    if stored is None:
         if config.data.resolution is None:
             raise InputError(
-                f"{source.name}: images differ in size; set data.resolution to train on them."
+                f"{config.data.source}: images differ in size; set data.resolution to train."
             )
-        shape = (config.data.resolution, config.data.resolution, 3)
-    side = config.data.pad_to or config.data.resolution
-    return source, (side or shape[0], side or shape[1], shape[2])
+        stored = (config.data.resolution, config.data.resolution, 3)
+    return (side or stored[0], side or stored[1], stored[2])
 
 
-def build(config: ml_collections.ConfigDict) -> tuple[Setup, object]:
-    """The run's :class:`Setup` and training source (no parameters allocated)."""
-    source, image_shape = open_data(config)
+def build(config: ml_collections.ConfigDict, source=None) -> tuple[Setup, object]:
+    """The run's :class:`Setup` and training source (no parameters allocated).
+
+    Args:
+      config: the run's configuration.
+      source: the training images; default ``open_source(config.data.source)``.
+    """
+    if source is None:
+        source, image_shape = open_data(config)
+    else:
+        image_shape = model_shape(config, source.image_shape)
     mesh = make_mesh(fsdp=config.train.fsdp)
     total_updates = max(config.train.num_steps // config.optim.grad_accum, 1)
     return make_setup(config, mesh, image_shape, total_updates), source
 
 
 def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """What a run of ``config`` would do: model, size, data, mesh, schedule, outputs."""
-    setup, source = build(config)
+    """What a run of ``config`` would do: model, size, data, mesh, schedule, outputs.
+
+    Nothing is downloaded: a dataset that is not available locally is reported
+    as such and the model input shape is taken from ``data.resolution``.
+    """
+    try:
+        source, image_shape = open_data(config, download=False)
+        data_line = f"data: {source.name}, {len(source):,} images, model input {image_shape}"
+    except InputError as e:
+        image_shape = model_shape(config, None)
+        data_line = f"data: {config.data.source} (not available here: {e}), model input " \
+                    f"{image_shape}"
+    try:
+        mesh = make_mesh(fsdp=config.train.fsdp)
+        mesh_line = f"mesh: {dict(mesh.shape)}"
+    except InputError as e:  # e.g. an fsdp axis for a pod, described on a laptop
+        mesh = make_mesh()
+        mesh_line = f"mesh: not here ({e})"
+    total_updates = max(config.train.num_steps // config.optim.grad_accum, 1)
+    setup = make_setup(config, mesh, image_shape, total_updates)
     from jaxgen.models import abstract_init
 
     params = abstract_init(setup.module, *setup.example_inputs())["params"]
@@ -79,8 +109,8 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"{count_params(params):,} parameters, compute {config.train.compute_dtype}",
         f"process: {setup.process!r}, prediction {setup.prediction}, "
         f"precond {config.diffusion.precond}",
-        f"data: {source.name}, {len(source):,} images, model input {setup.image_shape}",
-        f"mesh: {dict(setup.mesh.shape)} over {jax.device_count()} device(s), "
+        data_line,
+        f"{mesh_line} over {jax.device_count()} device(s), "
         f"{jax.process_count()} process(es)",
         f"train: batch {config.data.batch_size}, {stop}, grad_accum {config.optim.grad_accum}, "
         f"lr {config.optim.lr} ({config.optim.schedule}, warmup {config.optim.warmup_steps}), "

@@ -143,8 +143,10 @@ class Setup:
         """The model as the loss and samplers see it (``model_fn(params, x_t, t, cond)``).
 
         EDM preconditioning (``diffusion.precond == "edm"``) wraps the network
-        here, so the backbone never sees raw ``x_t`` and ``t``; a learned-sigma
-        output keeps only the prediction channels.
+        here, so the backbone never sees raw ``x_t`` and ``t`` (it gets
+        ``c_noise = ln(sigma) / 4``); otherwise it sees ``diffusion.time_scale * t``
+        (1000 reproduces DDPM/DiT's step-index embedding for ``t`` in [0, 1]). A
+        learned-sigma output keeps only the prediction channels.
         """
 
         def raw(p, x, c_noise, c):
@@ -155,7 +157,7 @@ class Setup:
             return diffusion.edm_precond(raw, self.process, self.config.diffusion.sigma_data)(
                 params, x_t, t, cond
             )
-        return raw(params, x_t, t, cond)
+        return raw(params, x_t, self.config.diffusion.get("time_scale", 1.0) * t, cond)
 
     def example_inputs(self, batch: int = 1):
         """Abstract ``(x, t, cond)`` to initialise the model with."""
