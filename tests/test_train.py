@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 import configs.fashion_mnist as default_config
 from jaxgen.data import ArraySource
@@ -343,3 +344,25 @@ def test_two_processes_match_one_process(data_file, straight, tmp_path):
     assert len(got.files) == len(want)
     for i, w in enumerate(want):
         np.testing.assert_allclose(got[f"arr_{i}"], w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_evaluation_writes_grid_fid_and_caches_reference(data_file, tmp_path, capfd):
+    config = tiny_config(data_file, **{"train.num_steps": 2, "eval.every_steps": 2,
+                                       "eval.fid_samples": 16, "eval.fid_batch_size": 16,
+                                       "eval.fid_reference": data_file,
+                                       "eval.fid_reference_num": 16})
+    train_and_evaluate(config, str(tmp_path))
+    grid = tmp_path / "samples" / "00000002.png"
+    assert Image.open(grid).size == (8 * 10 + 2, 8 * 10 + 2)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and np.isfinite(record["fid16"]) and record["fid16"] > 0
+    (cached,) = tmp_path.glob("fid_ref_*.npz")
+    assert "computing FID reference statistics of 16 images" in capfd.readouterr().err
+    train_and_evaluate(tiny_config(data_file, **{"train.num_steps": 4, "eval.every_steps": 4,
+                                                 "eval.fid_samples": 16,
+                                                 "eval.fid_batch_size": 16,
+                                                 "eval.fid_reference": data_file,
+                                                 "eval.fid_reference_num": 16}), str(tmp_path))
+    assert "computing FID reference" not in capfd.readouterr().err  # read from the cache
+    assert list(tmp_path.glob("fid_ref_*.npz")) == [cached]

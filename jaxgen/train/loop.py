@@ -184,7 +184,7 @@ class _Evaluator:
 
     def prepare(self) -> None:
         """Compute (or load) the reference statistics before the training clock starts."""
-        if self.cfg.fid_samples:
+        if self.cfg.fid_samples and (self.cfg.every_steps or self.cfg.at_minutes):
             self._fid_parts()
 
     def __call__(self, state: TrainState, step: int) -> dict[str, float]:
