@@ -298,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 save()
             evaluate_now = (config.eval.every_steps and step % config.eval.every_steps == 0)
             if evaluate_now or due_minutes:
-                while pending_minutes and train_seconds >= pending_minutes[0] * 60:
+                if due_minutes:  # decided together, so every process drops the same mark
                     pending_minutes.pop(0)
                 results = evaluator(state, step)
                 results["train_minutes"] = train_seconds / 60
