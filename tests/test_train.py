@@ -195,7 +195,7 @@ class _SigtermAt(ArraySource):
 def test_sigterm_checkpoints_and_resume_is_bit_exact(data_file, straight, tmp_path, monkeypatch):
     config = tiny_config(data_file, **{"checkpoint.every_steps": 100})
     images, labels = tiny_images()
-    monkeypatch.setattr(loop, "open_source", lambda spec: _SigtermAt(images, labels, 2))
+    monkeypatch.setattr(loop, "open_source", lambda spec, **_: _SigtermAt(images, labels, 2))
     stopped = train_and_evaluate(config, str(tmp_path))
     assert 1 <= int(stopped.step) < 4
     assert Checkpointer(tmp_path / "checkpoints").steps() == [int(stopped.step)]
@@ -244,7 +244,7 @@ def test_fsdp_shards_params_and_optimizer_state_by_logical_axes(data_file):
     specs = param_sharding_summary(state)
     # conv_in kernel: (kernel_h, kernel_w, channels, embed) -> embed on fsdp.
     assert specs["conv_in/kernel"] == (None, None, None, "fsdp")
-    assert specs["norm_out/scale"] == ()
+    assert specs["norm_out/scale"] == (None,)  # "norm" stays replicated
     kernel = state.params["conv_in"]["kernel"]
     assert kernel.addressable_shards[0].data.shape == (3, 3, 1, 2)
     mu = state.opt_state.inner_opt_state[1][0].mu["conv_in"]["kernel"]
