@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxgen import cli
+from jaxgen import cli, fid_stats
 from jaxgen import evaluate as evaluate_cli
-from jaxgen import fid_stats
 from jaxgen.metrics import GaussianStats
 from jaxgen.metrics.evaluate import evaluate
 
@@ -82,7 +81,7 @@ def test_fid_infinity_from_the_same_pass(files, images, inception):
     assert np.isfinite(r["fid_inf"])
     # the intercept of the least-squares line through the points, recomputed
     inv_n = 1.0 / np.array([n for n, _ in points])
-    slope, intercept = np.polyfit(inv_n, [v for _, v in points], 1)
+    _, intercept = np.polyfit(inv_n, [v for _, v in points], 1)
     assert r["fid_inf"] == pytest.approx(intercept, rel=1e-9)
 
 
