@@ -315,7 +315,9 @@ def test_two_processes_match_one_process(data_file, straight, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed, gloo) == 1 process x 8 devices.
 
     Equal to float32 rounding: gloo's cross-process all-reduce adds the gradient shards in
-    another order than the in-process one (a few 1-ulp differences after 4 steps).
+    another order than the in-process one, and Adam's m / sqrt(v) magnifies that rounding in
+    near-zero gradient components; after 4 steps parameters agree within 1e-6, a thousandth
+    of one step at lr 1e-3.
     """
     import os
     import socket
@@ -343,7 +345,7 @@ def test_two_processes_match_one_process(data_file, straight, tmp_path):
     want = leaves(straight[0])
     assert len(got.files) == len(want)
     for i, w in enumerate(want):
-        np.testing.assert_allclose(got[f"arr_{i}"], w, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[f"arr_{i}"], w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
