@@ -53,14 +53,18 @@ def psd_factor(s: np.ndarray) -> np.ndarray:
     return f
 
 
-def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """``tr sqrt(s1 s2)`` for symmetric PSD ``s1``, ``s2`` (float64)."""
-    f = psd_factor(s1)
-    if f.shape[1] == 0:  # s1 = 0 (e.g. every sample identical)
+def trace_sqrt(m: np.ndarray) -> float:
+    """``tr sqrt(m)`` of a symmetric PSD float64 matrix: the sum of its eigenvalues' roots."""
+    if m.size == 0:
         return 0.0
-    m = f.T @ s2 @ f
     w = scipy.linalg.eigh((m + m.T) / 2, eigvals_only=True, driver="evr")
     return float(np.sqrt(_clean(w)).sum())
+
+
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """``tr sqrt(s1 s2)`` for symmetric PSD ``s1``, ``s2`` (float64)."""
+    f = psd_factor(s1)  # D x 0 when s1 = 0 (e.g. every sample identical): the trace is 0
+    return trace_sqrt(f.T @ s2 @ f)
 
 
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:

@@ -19,9 +19,9 @@ import numpy as np
 
 from jaxgen.errors import InputError
 from jaxgen.metrics._common import as_features
-from jaxgen.metrics.fid import frechet_distance
-from jaxgen.metrics.inception_score import _check_logits, _split_scores
-from jaxgen.metrics.stats import GaussianStats
+from jaxgen.metrics.fid import psd_factor, trace_sqrt
+from jaxgen.metrics.inception_score import _check_logits, probs_and_entropy, score_from_sums
+from jaxgen.metrics.stats import CHUNK_ROWS, GaussianStats, gram
 
 
 class Extrapolation(NamedTuple):
@@ -68,6 +68,18 @@ def fid_infinity(
 ) -> Extrapolation:
     """FID_inf: FID_N of fake subsets against the real statistics, extrapolated to N = inf.
 
+    Every FID_N is the float64 Fréchet distance of :func:`frechet_distance`
+    between the real statistics and those of its subset, computed without
+    forming the subset's covariance: with ``S_real = F F^T`` (pivoted
+    Cholesky, once), the fake rows are centred on the fake mean ``c`` and
+    projected once, ``Z = (X - c) F``; a subset's trace term is then
+    ``tr sqrt(cov(Z_subset))``, and ``cov(Z_subset)`` comes from a symmetric
+    rank-k update over the subset's rows, or over the rows left out (the
+    total minus their sum) when those are fewer. The 15 default points thus
+    cost about 4 N D^2 multiply-adds, against 8 N D^2 for 15 covariances
+    plus their products with ``F``. Results equal the direct route up to
+    float64 rounding.
+
     Args:
       f_real_stats_or_features: statistics of the real set, or its ``[N, D]`` features.
       f_fake: ``[M, D]`` fake features, ``M > min_n``.
@@ -93,17 +105,40 @@ def fid_infinity(
             f"f_fake has dimension {f_fake.shape[1]} but the real statistics {real.dim}; "
             "use features of the same network and layer."
         )
-    n = _sample_counts(f_fake.shape[0], num_points, min_n, "f_fake")
+    m = f_fake.shape[0]
+    n = _sample_counts(m, num_points, min_n, "f_fake")
+    factor = psd_factor(real.sigma)
+    centre = f_fake.mean(axis=0, dtype=np.float64)
+    # Per row: its projection z = (x - c) F and |x - c|^2, float64, CHUNK_ROWS rows at a time.
+    z = np.empty((m, factor.shape[1]))
+    sq = np.empty(m)
+    for a in range(0, m, CHUNK_ROWS):
+        xc = f_fake[a : a + CHUNK_ROWS].astype(np.float64) - centre
+        z[a : a + CHUNK_ROWS] = xc @ factor
+        sq[a : a + CHUNK_ROWS] = np.einsum("ij,ij->i", xc, xc)
+
+    def sums(rows):  # sums over the rows of x - c, z, z z^T and |x - c|^2
+        x_sum = f_fake[rows].sum(axis=0, dtype=np.float64) - len(rows) * centre
+        return x_sum, z[rows].sum(axis=0), gram(z, rows), sq[rows].sum()
+
+    everything = sums(np.arange(m))
     rng = np.random.RandomState(seed)
-    scores = np.asarray(
-        [
-            frechet_distance(
-                real, GaussianStats.from_features(f_fake[rng.permutation(len(f_fake))[:k]])
-            )
-            for k in n
-        ]
-    )
-    return _fit(n, scores)
+    scores = []
+    for k in n:
+        perm = rng.permutation(m)
+        if k <= m - k:
+            x_sum, z_sum, zz, sq_sum = sums(np.sort(perm[:k]))
+        else:
+            left_out = sums(np.sort(perm[k:]))
+            x_sum, z_sum, zz, sq_sum = (t - u for t, u in zip(everything, left_out, strict=True))
+        x_mean, z_mean = x_sum / k, z_sum / k
+        cov_z = (zz - k * np.outer(z_mean, z_mean)) / (k - 1)  # F^T S_fake F
+        trace_fake = (sq_sum - k * x_mean @ x_mean) / (k - 1)  # tr S_fake
+        diff = real.mu - (centre + x_mean)
+        scores.append(
+            diff @ diff + np.trace(real.sigma) + trace_fake - 2.0 * trace_sqrt(cov_z)
+        )
+    return _fit(n, np.asarray(scores))
 
 
 def is_infinity(
@@ -137,8 +172,12 @@ def is_infinity(
     if not 1 <= splits <= min_n:
         raise InputError(f"splits={splits} must be between 1 and min_n={min_n}.")
     n = _sample_counts(logits.shape[0], num_points, min_n, "logits_fake")
+    p, h = probs_and_entropy(logits)  # once; each subset's chunks are scored from sums
     rng = np.random.RandomState(seed)
-    scores = np.asarray(
-        [_split_scores(logits[rng.permutation(len(logits))[:k]], splits).mean() for k in n]
-    )
-    return _fit(n, scores)
+    scores = []
+    for k in n:
+        rows = rng.permutation(len(logits))[:k]
+        bounds = [(i * k // splits, (i + 1) * k // splits) for i in range(splits)]
+        chunks = [np.sort(rows[a:b]) for a, b in bounds]
+        scores.append(np.mean([score_from_sums(p[c].sum(0), h[c].sum(), len(c)) for c in chunks]))
+    return _fit(n, np.asarray(scores))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp
+from scipy.special import logsumexp, xlogy
 
 from jaxgen.errors import InputError
 
-_ROWS = 4096  # rows in float64 at a time: memory O(_ROWS * classes), not O(N * classes)
+_ROWS = 4096  # rows converted to float64 at a time
 
 
 def _check_logits(logits: np.ndarray, name: str = "logits") -> np.ndarray:
@@ -22,27 +22,38 @@ def _check_logits(logits: np.ndarray, name: str = "logits") -> np.ndarray:
     return logits
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    return logits - logsumexp(logits, axis=1, keepdims=True)
+def probs_and_entropy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``p = softmax(logits)`` ``[N, C]`` and ``h_i = sum_y p log p`` ``[N]``, in float64.
+
+    ``_ROWS`` rows are converted at a time; ``p log p`` is 0 where ``p`` underflows to 0.
+    """
+    p = np.empty(logits.shape, np.float64)
+    h = np.empty(logits.shape[0], np.float64)
+    for a in range(0, logits.shape[0], _ROWS):
+        chunk = logits[a : a + _ROWS].astype(np.float64)
+        log_p = chunk - logsumexp(chunk, axis=1, keepdims=True)
+        p[a : a + _ROWS] = np.exp(log_p)
+        h[a : a + _ROWS] = np.where(p[a : a + _ROWS] > 0, p[a : a + _ROWS] * log_p, 0.0).sum(1)
+    return p, h
+
+
+def score_from_sums(p_sum: np.ndarray, h_sum: float, n: int) -> float:
+    """exp(mean_x KL(p(y|x) || p(y))) of ``n`` rows from the sums of their ``p`` and ``h``.
+
+    With ``q = mean_x p``, ``mean_x sum_y p log(p / q) = mean_x h - sum_y q log q``
+    exactly (a class with ``q = 0`` has ``p = 0`` in every row and adds nothing),
+    so a set of rows is scored from two sums, without another pass over them.
+    """
+    q = p_sum / n
+    return float(np.exp(h_sum / n - xlogy(q, q).sum()))
 
 
 def _split_scores(logits: np.ndarray, splits: int) -> np.ndarray:
     """exp(mean KL(p(y|x) || p(y))) of each of ``splits`` consecutive chunks, in float64."""
     n = logits.shape[0]
-    scores = np.empty(splits)
-    for i in range(splits):
-        chunk = logits[i * n // splits : (i + 1) * n // splits]
-        parts = [chunk[r : r + _ROWS] for r in range(0, len(chunk), _ROWS)]
-        log_q = np.log(sum(np.exp(_log_softmax(c)).sum(axis=0) for c in parts) / len(chunk))
-        kl = 0.0
-        for c in parts:
-            log_p = _log_softmax(c)
-            p = np.exp(log_p)
-            # p log(p/q) -> 0 as p -> 0; where p underflows to 0, so may q, and 0 * inf is NaN.
-            kl += np.where(p > 0, p * (log_p - log_q), 0.0).sum()
-        scores[i] = np.exp(kl / len(chunk))
-    return scores
+    p, h = probs_and_entropy(logits)
+    bounds = [(i * n // splits, (i + 1) * n // splits) for i in range(splits)]
+    return np.asarray([score_from_sums(p[a:b].sum(0), h[a:b].sum(), b - a) for a, b in bounds])
 
 
 def inception_score(

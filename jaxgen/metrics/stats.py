@@ -20,8 +20,28 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from scipy.linalg import blas
 
 from jaxgen.errors import InputError
+
+CHUNK_ROWS = 8192  # rows converted to float64 at a time: memory O(CHUNK_ROWS * D), not O(N * D)
+
+
+def gram(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """``x^T x`` in float64 (of ``x[rows]`` when given), ``CHUNK_ROWS`` rows at a time.
+
+    BLAS ``dsyrk`` does half the multiply-adds of a general product and fills
+    one triangle, which is mirrored at the end, so the result is exactly
+    symmetric. Memory is O(D^2 + CHUNK_ROWS * D) whatever N.
+    """
+    n = x.shape[0] if rows is None else len(rows)
+    acc = np.zeros((x.shape[1], x.shape[1]), np.float64, order="F")
+    for a in range(0, n, CHUNK_ROWS):
+        part = x[a : a + CHUNK_ROWS] if rows is None else x[rows[a : a + CHUNK_ROWS]]
+        # A C-ordered [B, D] array is the Fortran-ordered [D, B] array part^T: no copy.
+        part_t = np.ascontiguousarray(part, np.float64).T
+        acc = blas.dsyrk(1.0, part_t, beta=1.0, c=acc, trans=0, lower=0, overwrite_c=1)
+    return np.triu(acc) + np.triu(acc, 1).T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +78,13 @@ class GaussianStats:
 
     @classmethod
     def from_features(cls, features: np.ndarray) -> GaussianStats:
-        """Statistics of a ``[N, D]`` feature array (N >= 2)."""
+        """Statistics of a ``[N, D]`` feature array (N >= 2), ``CHUNK_ROWS`` rows at a time."""
+        features = np.asarray(features)
         acc = MomentAccumulator()
-        acc.update(features)
+        if features.ndim != 2:
+            acc.update(features)  # raises the shape error
+        for start in range(0, features.shape[0], CHUNK_ROWS):
+            acc.update(features[start : start + CHUNK_ROWS])
         return acc.finalize()
 
     @classmethod
@@ -154,8 +178,7 @@ class MomentAccumulator:
         if not np.all(np.isfinite(x)):
             raise InputError("features contain NaN or inf.")
         mean = x.mean(axis=0)
-        xc = x - mean
-        self._combine(x.shape[0], mean, xc.T @ xc)
+        self._combine(x.shape[0], mean, gram(x - mean))
 
     def merge(self, other: MomentAccumulator) -> None:
         """Fold in the statistics held by ``other``."""
