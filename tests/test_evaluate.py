@@ -11,6 +11,7 @@ from PIL import Image
 
 from jaxgen import cli, fid_stats
 from jaxgen import evaluate as evaluate_cli
+from jaxgen.errors import InputError
 from jaxgen.metrics import GaussianStats
 from jaxgen.metrics.evaluate import evaluate
 
@@ -170,3 +171,25 @@ def test_module_entry_point_exit_code(tmp_path, fid_helper_wheel):
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2
     assert p.stderr.strip().startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_score_features_is_each_metric_on_the_same_features():
+    from jaxgen.metrics import fid_infinity, frechet_distance, inception_score, kid, prdc
+    from jaxgen.metrics.evaluate import score_features
+
+    rng = np.random.default_rng(11)
+    real = rng.normal(size=(300, 16)).astype(np.float32)
+    fake = (rng.normal(size=(260, 16)) * 1.1 + 0.2).astype(np.float32)
+    logits = rng.normal(size=(260, 10)).astype(np.float32) * 2
+    r = {"pool3": real, "pool3_stats": GaussianStats.from_features(real)}
+    f = {"pool3": fake, "pool3_stats": GaussianStats.from_features(fake), "logits": logits}
+    opts = {"kid_subsets": 5, "kid_subset_size": 50, "inf_points": 4, "inf_min_n": 100}
+    out = score_features(r, f, ("fid", "is", "kid", "pr", "dc", "fid_inf"), **opts)
+    # The same calls by hand: score_features adds nothing of its own to any number.
+    assert out["fid"] == frechet_distance(r["pool3_stats"], f["pool3_stats"])
+    assert (out["is_mean"], out["is_std"]) == inception_score(logits, 10, seed=None)
+    assert (out["kid_mean"], out["kid_std"]) == kid(real, fake, 5, 50, 0)
+    assert {k: out[k] for k in ("precision", "recall", "density", "coverage")} == prdc(real, fake)
+    assert out["fid_inf"] == fid_infinity(r["pool3_stats"], fake, 4, 100, 0).value
+    with pytest.raises(InputError, match=r"the fake dict lacks \['logits'\]"):
+        score_features(r, {"pool3": fake}, ("is",))

@@ -1,6 +1,6 @@
 """Evaluation: Inception-v3 features (TF-FID graph), statistics and metrics."""
 
-from jaxgen.metrics.evaluate import METRICS, evaluate
+from jaxgen.metrics.evaluate import METRICS, evaluate, score_features
 from jaxgen.metrics.features import FeatureExtractor, extract_features
 from jaxgen.metrics.fid import frechet_distance
 from jaxgen.metrics.fid_infinity import Extrapolation, fid_infinity, is_infinity
@@ -32,5 +32,6 @@ __all__ = [
     "precision_recall",
     "read_npz",
     "save_stats",
+    "score_features",
     "sobol_normal",
 ]

@@ -281,40 +281,96 @@ def evaluate(
         if side.spatial is not None and "spatial_stats" not in feats[key]:
             feats[key]["spatial_stats"] = side.spatial
     real_f, fake_f = feats["real"], feats["fake"]
-    out: dict[str, float | int | str] = {}
+    for key, f in feats.items():
+        if "sfid" in metrics and "spatial_stats" not in f:
+            raise InputError(
+                f"{sides[key].name}: sFID needs mu_s/sigma_s (ADM layout) or the images."
+            )
+    out = score_features(
+        real_f,
+        fake_f,
+        metrics,
+        mesh=mesh,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        pr_k=pr_k,
+        dc_k=dc_k,
+        is_splits=is_splits,
+        inf_points=inf_points,
+        inf_min_n=inf_min_n,
+        seed=seed,
+    )
+    out["n_real"] = _count(sides["real"], real_f)
+    out["n_fake"] = _count(sides["fake"], fake_f)
+    out["weights"] = inception[0].source
+    return out
+
+
+def score_features(
+    real: dict[str, np.ndarray | GaussianStats],
+    fake: dict[str, np.ndarray | GaussianStats],
+    metrics: Sequence[str] = ("fid",),
+    *,
+    mesh: Mesh | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    dc_k: int = 5,
+    is_splits: int = 10,
+    inf_points: int = 15,
+    inf_min_n: int = 5000,
+    seed: int = 0,
+) -> dict[str, float | int | str | list]:
+    """The metrics of :func:`evaluate` from features already extracted (every metric but
+    the feature pass; arguments as there).
+
+    Args:
+      real, fake: dicts with what ``metrics`` need, as :func:`featurize` returns them:
+        ``pool3_stats`` (FID, FID-inf's real side), ``spatial_stats`` (sFID),
+        ``pool3`` ``[N, D]`` (KID, PR, DC, FID-inf's fake side) and ``logits``
+        (IS, IS-inf; fake only).
+
+    Returns:
+      The metric entries of :func:`evaluate`'s dict.
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise InputError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}.")
+    for name, side in (("real", real), ("fake", fake)):
+        needs = _needs(metrics, fake=name == "fake")
+        fields = ("pool3_stats", "spatial_stats", "pool3", "logits")
+        missing = [k for k in fields if getattr(needs, k) and k not in side]
+        if missing:
+            raise InputError(
+                f"score_features: the {name} dict lacks {missing}, which metrics "
+                f"{list(metrics)} need."
+            )
+    out: dict[str, float | int | str | list] = {}
     if "fid" in metrics:
-        out["fid"] = frechet_distance(real_f["pool3_stats"], fake_f["pool3_stats"])
+        out["fid"] = frechet_distance(real["pool3_stats"], fake["pool3_stats"])
     if "sfid" in metrics:
-        for key, f in feats.items():
-            if "spatial_stats" not in f:
-                raise InputError(
-                    f"{sides[key].name}: sFID needs mu_s/sigma_s (ADM layout) or the images."
-                )
-        out["sfid"] = frechet_distance(real_f["spatial_stats"], fake_f["spatial_stats"])
+        out["sfid"] = frechet_distance(real["spatial_stats"], fake["spatial_stats"])
     if "is" in metrics:
-        out["is_mean"], out["is_std"] = inception_score(fake_f["logits"], is_splits, seed=None)
+        out["is_mean"], out["is_std"] = inception_score(fake["logits"], is_splits, seed=None)
     if "kid" in metrics:
         out["kid_mean"], out["kid_std"] = kid(
-            real_f["pool3"], fake_f["pool3"], kid_subsets, kid_subset_size, seed, mesh=mesh
+            real["pool3"], fake["pool3"], kid_subsets, kid_subset_size, seed, mesh=mesh
         )
     if "pr" in metrics or "dc" in metrics:
         r = prdc(
-            real_f["pool3"],
-            fake_f["pool3"],
+            real["pool3"],
+            fake["pool3"],
             k_pr=pr_k if "pr" in metrics else None,
             k_dc=dc_k if "dc" in metrics else None,
             mesh=mesh,
         )
         out.update({k: float(v) for k, v in r.items()})
     if "fid_inf" in metrics:
-        fit = fid_infinity(real_f["pool3_stats"], fake_f["pool3"], inf_points, inf_min_n, seed)
+        fit = fid_infinity(real["pool3_stats"], fake["pool3"], inf_points, inf_min_n, seed)
         out["fid_inf"], out["fid_inf_points"] = fit.value, _points(fit)
     if "is_inf" in metrics:
-        fit = is_infinity(fake_f["logits"], inf_points, inf_min_n, seed)
+        fit = is_infinity(fake["logits"], inf_points, inf_min_n, seed)
         out["is_inf"], out["is_inf_points"] = fit.value, _points(fit)
-    out["n_real"] = _count(sides["real"], real_f)
-    out["n_fake"] = _count(sides["fake"], fake_f)
-    out["weights"] = inception[0].source
     return out
 
 
