@@ -41,7 +41,7 @@ def gram(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         # A C-ordered [B, D] array is the Fortran-ordered [D, B] array part^T: no copy.
         part_t = np.ascontiguousarray(part, np.float64).T
         acc = blas.dsyrk(1.0, part_t, beta=1.0, c=acc, trans=0, lower=0, overwrite_c=1)
-    return np.triu(acc) + np.triu(acc, 1).T
+    return acc + np.triu(acc, 1).T  # dsyrk left the strict lower triangle at 0
 
 
 @dataclasses.dataclass(frozen=True)
