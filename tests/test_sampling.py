@@ -371,6 +371,30 @@ def test_sample_i_depends_only_on_seed_and_index():
     assert not np.allclose(other, whole)
 
 
+def test_params_are_an_argument_of_one_compiled_program():
+    traces = []
+
+    def scaled(params, x, t, cond):  # an x0 model whose weights are `params`
+        traces.append(1)
+        return params["w"] * x / (1.0 + t[:, None] ** 2)
+
+    process, key = D.EDM(), jax.random.key(3)
+    kw = dict(prediction="x0", solver="heun", steps=4)
+    out = {}
+    for w in (0.5, 0.7, 0.9):
+        out[w], _ = S.sample(scaled, process, key, (4, 2), params={"w": jnp.float32(w)}, **kw)
+    # One trace for all three weights: they were never constants of the program.
+    n_traces = len(traces)
+    S.sample(scaled, process, key, (4, 2), params={"w": jnp.float32(0.3)}, **kw)
+    assert len(traces) == n_traces
+    # And the same numbers as a closure over the weights (compiled once per closure).
+    for w in (0.5, 0.9):
+        closure = lambda x, t, c, w=w: scaled({"w": w}, x, t, c)
+        closed, _ = S.sample(closure, process, key, (4, 2), **kw)
+        np.testing.assert_allclose(out[w], closed, rtol=1e-6)
+    assert not np.allclose(out[0.5], out[0.9])
+
+
 def test_nfe_counts_real_model_calls():
     calls = []
 

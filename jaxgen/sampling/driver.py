@@ -71,7 +71,7 @@ class _Config:
     mesh: Mesh | None
 
 
-def _run(config: _Config, key, first_index, ts, x_T, cond, uncond, gparams):
+def _run(config: _Config, key, first_index, ts, x_T, cond, uncond, gparams, params):
     b = config.shape[0]
     ids = first_index + jnp.arange(b)
     per_sample = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
@@ -87,7 +87,10 @@ def _run(config: _Config, key, first_index, ts, x_T, cond, uncond, gparams):
     guidance = None
     if config.guided:
         guidance = Guidance.from_dynamic(gparams, uncond, config.guide_fn)
-    denoise = make_denoiser(config.model_fn, config.process, config.prediction, cond, guidance)
+    model_fn = config.model_fn
+    if params is not None:  # traced: the weights stay an argument of the compiled program
+        model_fn = functools.partial(config.model_fn, params)
+    denoise = make_denoiser(model_fn, config.process, config.prediction, cond, guidance)
     spec = SOLVERS[config.solver]
     options = dict(spec.fixed) | dict(config.options)
     return spec.fn(denoise, x_T, ts, step_keys, config.process, **options)
@@ -168,6 +171,7 @@ def sample(
     mesh: Mesh | None = None,
     solver_options: dict | None = None,
     first_index: int = 0,
+    params: Any = None,
 ) -> tuple[jax.Array, dict]:
     """Draw samples by solving the reverse process from ``t_max`` to 0.
 
@@ -176,7 +180,8 @@ def sample(
     result does not depend on the batch size or the number of devices.
 
     Args:
-      model_fn: ``model_fn(x_t, t, cond) -> prediction``, ``t`` of shape ``[B]``.
+      model_fn: ``model_fn(x_t, t, cond) -> prediction``, ``t`` of shape ``[B]``;
+        ``model_fn(params, x_t, t, cond)`` when ``params`` is given.
       process: the noise process the model was trained with.
       key: PRNG key (the seed of the run).
       shape: ``(B, ...)`` of the samples.
@@ -233,7 +238,7 @@ def sample(
     gparams = Guidance(1.0).dynamic() if guidance is None else guidance.dynamic()
     uncond = None if guidance is None else guidance.uncond
     ts_in = ts.astype(jnp.result_type(float))  # float32 unless x64 is enabled
-    x = _run_jit(config, key, first_index, ts_in, x_T, cond, uncond, gparams)
+    x = _run_jit(config, key, first_index, ts_in, x_T, cond, uncond, gparams, params)
     nfe = spec.evals_per_step * int(steps) - (spec.free_final if clean_end else 0)
     return (x if rows == batch else x[:batch]), {"nfe": nfe, "timesteps": ts.copy()}
 
