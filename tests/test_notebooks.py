@@ -1,0 +1,90 @@
+"""The notebooks run top to bottom in SMALL mode, and are committed without outputs."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+# The kernel inherits this process's environment, where conftest asks for 8 simulated
+# devices. Two keep a real `data` mesh (batches split as on a TPU's 8 cores) without
+# cutting the notebooks' small batches into 8 slivers on a 2-core machine.
+DEVICES = "--xla_force_host_platform_device_count=2"
+
+
+def test_committed_notebooks_are_stripped():
+    paths = sorted(NOTEBOOKS.glob("*.ipynb"))
+    assert {p.name for p in paths} >= {"quickstart.ipynb", "samplers_and_metrics.ipynb"}
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        for i, cell in enumerate(nb.cells):
+            assert "execution" not in cell.metadata, f"{path.name} cell {i}: timing metadata"
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, (
+                    f"{path.name} cell {i} holds outputs: clear them before committing "
+                    "(Jupyter: Edit > Clear All Outputs)."
+                )
+
+
+def execute(name: str, tmp_path: Path, monkeypatch) -> tuple[nbformat.NotebookNode, str]:
+    """Run notebook ``name`` in SMALL mode in ``tmp_path``; return it and its stdout."""
+    monkeypatch.setenv("JAXGEN_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("JAXGEN_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    monkeypatch.setenv("XLA_FLAGS", f"{flags} {DEVICES}".strip())
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # raises CellExecutionError, with the traceback, if a cell fails
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    stdout = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    return nb, stdout
+
+
+def count_images(nb: nbformat.NotebookNode) -> int:
+    return sum("image/png" in o.get("data", {})
+               for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.slow
+def test_quickstart(tmp_path, monkeypatch):
+    nb, out = execute("quickstart.ipynb", tmp_path, monkeypatch)
+    assert "backend: cpu" in out and "mesh: {'data': 2, 'fsdp': 1}" in out
+    grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
+    assert [p.stem for p in grids] == ["00000060", "00000120", "00000180"]
+    assert count_images(nb) == 3 + 2  # a grid per chunk, the loss curve, the two solvers
+    assert re.search(r"euler: 10 steps, NFE 10, 50 samples", out)
+    assert re.search(r"heun: 5 steps, NFE 9, 50 samples", out)
+    fids = dict(re.findall(r"FID (\w+): ([\d.]+) \(50 samples vs 100 images", out))
+    assert fids.keys() == {"euler", "heun"}
+    assert all(math.isfinite(float(v)) and float(v) > 0 for v in fids.values())
+
+
+@pytest.mark.slow
+def test_samplers_and_metrics(tmp_path, monkeypatch):
+    nb, out = execute("samplers_and_metrics.ipynb", tmp_path, monkeypatch)
+    assert "no checkpoint, training a tiny model" in out  # nothing given: trains its own
+    assert re.search(r"run, step 100: unet-small, Flow\(path='linear'\), predicts velocity", out)
+    solvers = re.findall(r"(\w+) +\d+ steps +NFE +(\d+) +FID +([\d.]+)", out)
+    assert {(s, int(n)) for s, n, _ in solvers} == {
+        (s, n) for s in ("euler", "heun", "dpmpp_2m") for n in (5, 9)
+    }
+    guided = re.findall(r"(all steps|\(0\.28, 5\.42\]) +scale +([\d.]+) +FID +([\d.]+)", out)
+    assert len(guided) == 5  # 3 scales x 2 intervals, scale 1 once
+    fids = [float(f) for *_, f in solvers + guided]
+    assert all(math.isfinite(f) and f > 0 for f in fids)
+    rows = re.findall(r"precision ([\d.]+) +recall ([\d.]+) +density ([\d.]+) +coverage "
+                      r"([\d.]+)", out)
+    assert len(rows) == 5
+    for p, r, _, c in rows:
+        assert all(0 <= float(v) <= 1 for v in (p, r, c))
+    assert count_images(nb) == 4  # FID vs NFE, FID vs scale, guided grids, P/R + D/C
