@@ -25,10 +25,21 @@ def initialize_distributed(
 ) -> None:
     """Start JAX's multi-controller runtime when more than one process is asked for.
 
-    Arguments left as ``None`` are read from ``JAXGEN_COORDINATOR``,
-    ``JAXGEN_NUM_PROCESSES`` and ``JAXGEN_PROCESS_ID``; with none of them set
-    and no cluster environment (TPU pod, SLURM) JAX detects, this is a no-op
-    and the run stays single-process.
+    In order:
+
+    - a coordinator or process count (arguments, else ``JAXGEN_COORDINATOR``,
+      ``JAXGEN_NUM_PROCESSES``, ``JAXGEN_PROCESS_ID``) starts it with those values;
+    - ``JAXGEN_DISTRIBUTED=1`` starts it with no arguments, so JAX detects the cluster
+      itself: a Cloud TPU pod slice (from the VM metadata), SLURM, Open MPI, ...
+      ``tpu/launch.sh`` sets it, since ``TPU_WORKER_HOSTNAMES`` is usually not in a TPU
+      VM's environment; ``JAXGEN_DISTRIBUTED=0`` keeps the run single-process even
+      inside a cluster;
+    - with ``JAXGEN_DISTRIBUTED`` unset, ``TPU_WORKER_HOSTNAMES`` or ``SLURM_JOB_ID`` in
+      the environment does the same as ``1``;
+    - otherwise this is a no-op and the run stays single-process.
+
+    Raises:
+      InputError: ``JAXGEN_DISTRIBUTED`` is neither ``0`` nor ``1``.
     """
     coordinator = coordinator or os.environ.get("JAXGEN_COORDINATOR")
     if num_processes is None and "JAXGEN_NUM_PROCESSES" in os.environ:
@@ -36,7 +47,11 @@ def initialize_distributed(
     if process_id is None and "JAXGEN_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAXGEN_PROCESS_ID"])
     if coordinator is None and num_processes is None:
-        if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"):
+        switch = os.environ.get("JAXGEN_DISTRIBUTED", "")
+        if switch not in ("", "0", "1"):
+            raise InputError(f"JAXGEN_DISTRIBUTED={switch!r}: set it to 1 (on) or 0 (off).")
+        detected = bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"))
+        if switch == "1" or (switch == "" and detected):
             jax.distributed.initialize()  # JAX reads the cluster's own environment
         return
     # CPU collectives across processes need gloo (the default has none); the option only

@@ -8,17 +8,16 @@ from its first EMA (``--ema`` picks another decay, or ``params``). ``arr_0``
 holds uint8 NHWC images and, for a class-conditional model, ``arr_1`` the
 labels (``i % num_classes``, so classes are balanced); ``OUT.png`` shows the
 first 64. Score them with ``python -m jaxgen.evaluate REAL samples.npz``.
+``--workdir`` and ``--out`` may be in a bucket (``gs://BUCKET/...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from jaxgen import cli
 from jaxgen.errors import InputError
@@ -30,7 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m jaxgen.sample", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--workdir", required=True, type=Path, help="a jaxgen.train run folder")
+    p.add_argument("--workdir", required=True, type=epath.Path,
+                   help="a jaxgen.train run folder (local or gs://...)")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--solver", default="euler", help="a jaxgen.sampling.SOLVERS name")
     p.add_argument("--steps", type=int, default=20, help="solver steps")
@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="samples per device call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", default=None, help="EMA decay to use (default: the first) or 'params'")
-    p.add_argument("--out", type=Path, default=Path("samples.npz"))
+    p.add_argument("--out", type=epath.Path, default=epath.Path("samples.npz"),
+                   help="the .npz to write (local or gs://...); the grid goes beside it")
     return p.parse_args(argv)
 
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         make_sampler,
         save_png,
     )
+    from jaxgen.train.paths import open_atomic
 
     config_path = args.workdir / "config.json"
     if not config_path.is_file():
@@ -87,19 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     if setup.num_classes:
         arrays["arr_1"] = np.concatenate([p[1] for p in parts]).astype(np.int64)
     if jax.process_index() == 0:
-        _save_npz(args.out, arrays)
+        with open_atomic(args.out) as f:
+            np.savez(f, **arrays)
         save_png(image_grid(images[:64]), args.out.with_suffix(".png"))
         print(f"wrote {args.out} ({len(images)} samples, step {step}, {which}) and "
               f"{args.out.with_suffix('.png')}")
     return 0
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

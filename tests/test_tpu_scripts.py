@@ -136,16 +136,59 @@ def test_launch(env):
     assert ssh[:-1] == [*SSH, "jaxgen", *WHERE, "--worker=all"]
     command = remote(ssh)
     assert command == (
-        "mkdir -p jaxgen-logs && cd jaxgen && { nohup ../jaxgen-venv/bin/python -m jaxgen.train"
+        "mkdir -p jaxgen-logs && cd jaxgen && { nohup env JAXGEN_DISTRIBUTED=1"
+        " ../jaxgen-venv/bin/python -m jaxgen.train"
         " --config configs/cifar10_flow.py --workdir gs://bkt/runs/c10"
         " --config.data.batch_size=256 '--config.eval.at_minutes=()'"
         " > ../jaxgen-logs/c10.log 2>&1 < /dev/null & echo $! > ../jaxgen-logs/c10.pid; }"
     )
     # The trainer's argv as the worker's shell will see it.
     train = shlex.split(command.split("nohup ")[1].split(" > ")[0])
-    assert train == ["../jaxgen-venv/bin/python", "-m", "jaxgen.train",
-                     "--config", "configs/cifar10_flow.py", "--workdir", "gs://bkt/runs/c10",
+    assert train == ["env", "JAXGEN_DISTRIBUTED=1", "../jaxgen-venv/bin/python", "-m",
+                     "jaxgen.train", "--config", "configs/cifar10_flow.py",
+                     "--workdir", "gs://bkt/runs/c10",
                      "--config.data.batch_size=256", "--config.eval.at_minutes=()"]
+
+
+DISTRIBUTED_ENV = ("JAXGEN_DISTRIBUTED", "JAXGEN_COORDINATOR", "JAXGEN_NUM_PROCESSES",
+                   "JAXGEN_PROCESS_ID", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")
+
+
+@pytest.mark.parametrize(("environ", "calls"), [
+    ({}, []),  # a single machine: no-op
+    ({"JAXGEN_DISTRIBUTED": "1"}, [()]),  # what launch.sh sets: JAX detects the TPU slice
+    ({"TPU_WORKER_HOSTNAMES": "h0,h1"}, [()]),
+    ({"SLURM_JOB_ID": "7"}, [()]),
+    ({"SLURM_JOB_ID": "7", "JAXGEN_DISTRIBUTED": "0"}, []),  # forced off
+    ({"JAXGEN_DISTRIBUTED": "1", "JAXGEN_COORDINATOR": "h:1234", "JAXGEN_NUM_PROCESSES": "2",
+      "JAXGEN_PROCESS_ID": "1"}, [("h:1234", 2, 1)]),  # explicit values win
+])
+def test_initialize_distributed_from_environment(monkeypatch, environ, calls):
+    """The environment launch.sh (and SLURM) sets decides how jax.distributed starts."""
+    import jax
+
+    from jaxgen.parallel import initialize_distributed
+
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    seen = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args: seen.append(args))
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # gloo: not in this process
+    initialize_distributed()
+    assert seen == calls
+
+
+def test_initialize_distributed_rejects_unknown_switch(monkeypatch):
+    from jaxgen.errors import InputError
+    from jaxgen.parallel import initialize_distributed
+
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JAXGEN_DISTRIBUTED", "yes")
+    with pytest.raises(InputError, match="JAXGEN_DISTRIBUTED='yes'"):
+        initialize_distributed()
 
 
 def test_launch_workdir_and_env_defaults(env):
@@ -153,7 +196,8 @@ def test_launch_workdir_and_env_defaults(env):
     (ssh,) = dry("launch.sh", "--workdir", "gs://other/exp 1", "--tfds-data-dir",
                  "/mnt/tfds", "--project", "p", env=env)
     assert ssh[:-1] == [*SSH, "pod", *WHERE, "--project=p", "--worker=all"]
-    assert ("{ nohup env TFDS_DATA_DIR=/mnt/tfds ../jaxgen-venv/bin/python -m jaxgen.train"
+    assert ("{ nohup env JAXGEN_DISTRIBUTED=1 TFDS_DATA_DIR=/mnt/tfds"
+            " ../jaxgen-venv/bin/python -m jaxgen.train"
             " --config configs/imagenet_dit_b2.py --workdir 'gs://other/exp 1' >"
             " ../jaxgen-logs/pod.log") in remote(ssh)
 

@@ -9,8 +9,9 @@ usage: tpu/launch.sh --config configs/NAME.py (--bucket BUCKET | --workdir DIR) 
                      [-- --config.key=value ...]
 
 Start training on every worker (--worker=all) of the TPU NAME, in the background
-(nohup): each worker runs the same command; JAX's TPU runtime finds the other
-hosts of the slice by itself, so no coordinator address is passed. Each worker
+(nohup): each worker runs the same command, with JAXGEN_DISTRIBUTED=1 so that
+jaxgen calls jax.distributed.initialize(), which finds the other hosts of the
+slice from the TPU metadata; no coordinator address is passed. Each worker
 logs to ~/jaxgen-logs/RUN.log and keeps the process id in ~/jaxgen-logs/RUN.pid
 (see tpu/logs.sh and tpu/stop.sh). Checkpoints go to the workdir, which all
 workers must share: a gs:// path. Launching again with the same workdir resumes
@@ -50,11 +51,14 @@ if [[ -z $WORKDIR ]]; then
   WORKDIR="gs://${BUCKET%/}/runs/$RUN_NAME"
 fi
 
-train=("../$REMOTE_VENV/bin/python" -m jaxgen.train --config "$CONFIG" --workdir "$WORKDIR"
-  ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
+# The multi-host runtime is started explicitly: a TPU VM's environment rarely names the
+# slice's hosts (TPU_WORKER_HOSTNAMES), JAX reads them from the VM metadata.
+train_env=(JAXGEN_DISTRIBUTED=1)
 if [[ -n $TFDS_DIR ]]; then
-  train=(env "TFDS_DATA_DIR=$TFDS_DIR" "${train[@]}")
+  train_env+=("TFDS_DATA_DIR=$TFDS_DIR")
 fi
+train=(env "${train_env[@]}" "../$REMOTE_VENV/bin/python" -m jaxgen.train --config "$CONFIG"
+  --workdir "$WORKDIR" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
 log=../$REMOTE_LOGS/$RUN_NAME
 # Braces keep `&` on nohup alone, so $! is the trainer's pid (nohup and env exec it).
 command="mkdir -p $REMOTE_LOGS && cd $REMOTE_REPO && { nohup $(quote_all "${train[@]}")"

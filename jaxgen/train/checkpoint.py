@@ -4,18 +4,19 @@ Orbax writes each checkpoint to a temporary folder and renames it when
 complete, so a crash mid-save leaves nothing a restore would pick up. A
 checkpoint that is complete but unreadable (disk corruption, a truncated
 copy) is reported, set aside as ``<step>.corrupt-<n>`` and the previous one
-is used.
+is used. ``directory`` may be in a bucket (``gs://...``), where orbax marks a complete
+checkpoint with a commit file instead of a rename.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxgen.errors import InputError
 
@@ -28,14 +29,16 @@ class Checkpointer:
     is complete on disk, which is what a preemption handler needs.
 
     Args:
-      directory: checkpoint folder.
+      directory: checkpoint folder, local or ``gs://...``.
       keep: how many of the latest checkpoints to keep.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3) -> None:
         if keep < 1:
             raise InputError(f"checkpoint.keep={keep} must be >= 1.")
-        self.directory = Path(directory).absolute()
+        directory = epath.Path(directory)
+        # Orbax wants an absolute path; gs://... is one (absolute() would make it local).
+        self.directory = directory if directory.is_absolute() else directory.absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
@@ -88,7 +91,7 @@ class Checkpointer:
             n = 0
             while (aside := self.directory / f"{step}.corrupt-{n}").exists():
                 n += 1
-            os.replace(self.directory / str(step), aside)
+            (self.directory / str(step)).rename(aside)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"jaxgen corrupt checkpoint {step} set aside")
         self._manager.reload()

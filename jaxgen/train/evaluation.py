@@ -6,12 +6,14 @@ import hashlib
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from jaxgen import sampling
@@ -20,6 +22,7 @@ from jaxgen.errors import InputError
 from jaxgen.metrics import GaussianStats, frechet_distance, save_stats
 from jaxgen.metrics.evaluate import FeatureNeeds, Side, featurize
 from jaxgen.metrics.features import FeatureExtractor
+from jaxgen.train.paths import is_local, open_atomic
 from jaxgen.train.state import Setup
 
 
@@ -108,12 +111,9 @@ def image_grid(images: np.ndarray, cols: int = 8, pad: int = 2) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a uint8 ``[H, W, 1 or 3]`` image as PNG (written aside, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
-    os.replace(tmp, path)
+    """Write a uint8 ``[H, W, 1 or 3]`` image as PNG, locally or to ``gs://...``, atomically."""
+    with open_atomic(path) as f:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="png")
 
 
 def match_geometry(images: np.ndarray, resolution: int | None, pad_to: int | None) -> np.ndarray:
@@ -141,15 +141,15 @@ def reference_stats(
 
     Args:
       spec: the reference images (any :func:`jaxgen.data.open_source` spec).
-      workdir: where ``fid_ref_<hash>.npz`` is kept.
+      workdir: where ``fid_ref_<hash>.npz`` is kept (local or ``gs://...``).
       extractor: the Inception feature extractor.
       num: use only the first ``num`` images (default all).
       resolution, pad_to: the training pipeline's geometry, applied to the references.
     """
     key = f"{spec}|{num}|{resolution}|{pad_to}|{extractor.module.source}"
-    path = Path(workdir) / f"fid_ref_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    path = epath.Path(workdir) / f"fid_ref_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
     if path.exists():
-        return GaussianStats.load(path)
+        return _load_stats(path)
     source = open_source(spec)
     n = len(source) if num is None else min(num, len(source))
     print(f"computing FID reference statistics of {n} images of {source.name} -> {path}",
@@ -159,8 +159,20 @@ def reference_stats(
     stats = featurize(Side(spec, source=ArraySource(images, spec)), FeatureNeeds(), extractor,
                       progress=jax.process_index() == 0)["pool3_stats"]
     if jax.process_index() == 0:
-        save_stats(path, stats)
+        # save_stats writes local files; the bytes then go to the workdir, wherever it is.
+        with tempfile.TemporaryDirectory() as tmp, open_atomic(path) as f:
+            save_stats(Path(tmp) / path.name, stats)
+            f.write((Path(tmp) / path.name).read_bytes())
     return stats
+
+
+def _load_stats(path: epath.Path) -> GaussianStats:
+    """:meth:`GaussianStats.load` of a local file or, through a local copy, of ``gs://...``."""
+    if is_local(path):
+        return GaussianStats.load(os.fspath(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / path.name).write_bytes(path.read_bytes())
+        return GaussianStats.load(Path(tmp) / path.name)
 
 
 def _first(source, n: int):

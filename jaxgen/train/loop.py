@@ -7,11 +7,11 @@ import math
 import signal
 import sys
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from jaxgen.data import TrainIterator, open_source
@@ -27,6 +27,7 @@ from jaxgen.train.evaluation import (
     reference_stats,
     save_png,
 )
+from jaxgen.train.paths import open_atomic
 from jaxgen.train.state import (
     Setup,
     TrainState,
@@ -116,7 +117,7 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"lr {config.optim.lr} ({config.optim.schedule}, warmup {config.optim.warmup_steps}), "
         f"EMA {list(config.train.ema_decays)}",
         f"checkpoints: every {config.checkpoint.every_steps} steps, keep "
-        f"{config.checkpoint.keep}, in {Path(workdir) / 'checkpoints'}",
+        f"{config.checkpoint.keep}, in {epath.Path(workdir) / 'checkpoints'}",
         f"eval: every {config.eval.every_steps} steps, at minutes {list(config.eval.at_minutes)}; "
         f"grid of 64 + FID of {config.eval.fid_samples} EMA samples vs "
         f"{config.eval.fid_reference} ({config.eval.solver}, {config.eval.steps} steps)",
@@ -158,7 +159,7 @@ def _agree(flags: list[bool]) -> list[bool]:
 class _Evaluator:
     """Sample grid + FID of EMA samples; the reference statistics are computed on first use."""
 
-    def __init__(self, setup: Setup, workdir: Path) -> None:
+    def __init__(self, setup: Setup, workdir: epath.Path) -> None:
         cfg = setup.config.eval
         self.setup, self.workdir, self.cfg = setup, workdir, cfg
         self.batch_size = cfg.batch_size
@@ -212,7 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
     Writes ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``tb/`` (TensorBoard)
-    and ``samples/<step>.png``. Stops after ``train.num_steps`` steps, after
+    and ``samples/<step>.png``; ``workdir`` may be a bucket (``gs://BUCKET/...``), which
+    every process of a multi-host run must see. Stops after ``train.num_steps`` steps, after
     ``train.minutes`` minutes of training (evaluation and checkpoint time not
     counted), or on SIGTERM, saving a checkpoint each time.
 
@@ -222,11 +224,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     initialize_distributed(config.parallel.coordinator, config.parallel.num_processes,
                            config.parallel.process_id)
-    workdir_path = Path(workdir)
+    workdir_path = epath.Path(workdir)
     main = jax.process_index() == 0
     if main:
-        workdir_path.mkdir(parents=True, exist_ok=True)
-        (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        with open_atomic(workdir_path / "config.json") as f:
+            f.write((config.to_json_best_effort(indent=2) + "\n").encode())
     setup, source = build(config)
     ckpt = Checkpointer(workdir_path / "checkpoints", keep=config.checkpoint.keep)
     restored = ckpt.restore_latest(abstract_state(setup))

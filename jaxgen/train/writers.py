@@ -4,6 +4,9 @@ A TensorBoard event file is a TFRecord stream of ``Event`` protocol buffers;
 scalars need only four message fields, so they are encoded here by hand
 (wire format: https://protobuf.dev/programming-guides/encoding/) and framed
 with TFRecord's masked CRC-32C checksums.
+
+Both writers work on a local folder or a bucket (``gs://...``): see
+:class:`jaxgen.train.paths.GrowingFile` for how a file grows where nothing can be appended.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import os
 import socket
 import struct
 import time
-from pathlib import Path
+
+from etils import epath
+
+from jaxgen.train.paths import GrowingFile
 
 
 def _crc32c_table() -> list[int]:
@@ -84,25 +90,22 @@ class TensorBoardWriter:
     """
 
     def __init__(self, logdir: str | os.PathLike) -> None:
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = logdir / name
-        self._file = open(self.path, "ab")
+        self.path = epath.Path(logdir) / name
+        self._file = GrowingFile(self.path)
         self._write(_event(time.time(), 0, file_version="brain.Event:2"))
 
     def _write(self, record: bytes) -> None:
         header = struct.pack("<Q", len(record))
-        self._file.write(header + struct.pack("<I", masked_crc(header)))
-        self._file.write(record + struct.pack("<I", masked_crc(record)))
+        self._file.append(header + struct.pack("<I", masked_crc(header))
+                          + record + struct.pack("<I", masked_crc(record)))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Write ``values`` (tag -> number) at ``step``; non-finite values are kept as such."""
         self._write(_event(time.time(), int(step), summary=_scalar_summary(values)))
-        self._file.flush()
 
     def close(self) -> None:
-        """Flush and close the file."""
+        """Close the file."""
         self._file.close()
 
 
@@ -111,7 +114,7 @@ def read_events(path: str | os.PathLike) -> list[tuple[int, dict[str, float]]]:
 
     The inverse of :class:`TensorBoardWriter`, for tests and quick inspection.
     """
-    data = Path(path).read_bytes()
+    data = epath.Path(path).read_bytes()
     out, pos = [], 0
     while pos < len(data):
         header = data[pos : pos + 8]
@@ -187,21 +190,22 @@ class MetricWriter:
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True) -> None:
         self.enabled = enabled
         if enabled:
-            self.jsonl = Path(workdir) / "metrics.jsonl"
-            self._tb = TensorBoardWriter(Path(workdir) / "tb")
+            self.jsonl = epath.Path(workdir) / "metrics.jsonl"
+            self._jsonl = GrowingFile(self.jsonl)
+            self._tb = TensorBoardWriter(epath.Path(workdir) / "tb")
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Append ``{"step": step, **values}`` to the JSONL file and the event file."""
         if not self.enabled:
             return
         values = {k: float(v) for k, v in values.items()}
-        with open(self.jsonl, "a") as f:
-            # JSON has no NaN; a diverged loss is written as null rather than invalid JSON.
-            clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
-            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        # JSON has no NaN; a diverged loss is written as null rather than invalid JSON.
+        clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+        self._jsonl.append((json.dumps({"step": int(step), **clean}) + "\n").encode())
         self._tb.scalars(step, values)
 
     def close(self) -> None:
-        """Close the event file."""
+        """Close the files."""
         if self.enabled:
+            self._jsonl.close()
             self._tb.close()
