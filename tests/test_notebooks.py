@@ -33,9 +33,17 @@ def test_committed_notebooks_are_stripped():
                 )
 
 
-def execute(name: str, tmp_path: Path, monkeypatch) -> tuple[nbformat.NotebookNode, str]:
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    """A compilation cache of this module's own: cold at first, as on a fresh machine, and
+    shared by the two notebooks (the same train step and Inception)."""
+    return tmp_path_factory.mktemp("xla")
+
+
+def execute(name: str, tmp_path: Path, monkeypatch, xla_cache: Path):
     """Run notebook ``name`` in SMALL mode in ``tmp_path``; return it and its stdout."""
     monkeypatch.setenv("JAXGEN_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(xla_cache))
     monkeypatch.setenv("JAXGEN_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                    os.environ.get("XLA_FLAGS", ""))
@@ -56,8 +64,8 @@ def count_images(nb: nbformat.NotebookNode) -> int:
 
 
 @pytest.mark.slow
-def test_quickstart(tmp_path, monkeypatch):
-    nb, out = execute("quickstart.ipynb", tmp_path, monkeypatch)
+def test_quickstart(tmp_path, monkeypatch, xla_cache):
+    nb, out = execute("quickstart.ipynb", tmp_path, monkeypatch, xla_cache)
     assert "backend: cpu" in out and "mesh: {'data': 2, 'fsdp': 1}" in out
     grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
     assert [p.stem for p in grids] == ["00000060", "00000120", "00000180"]
@@ -70,8 +78,8 @@ def test_quickstart(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_samplers_and_metrics(tmp_path, monkeypatch):
-    nb, out = execute("samplers_and_metrics.ipynb", tmp_path, monkeypatch)
+def test_samplers_and_metrics(tmp_path, monkeypatch, xla_cache):
+    nb, out = execute("samplers_and_metrics.ipynb", tmp_path, monkeypatch, xla_cache)
     assert "no checkpoint, training a tiny model" in out  # nothing given: trains its own
     assert re.search(r"run, step 100: unet-small, Flow\(path='linear'\), predicts velocity", out)
     solvers = re.findall(r"(\w+) +\d+ steps +NFE +(\d+) +FID +([\d.]+)", out)
