@@ -102,3 +102,12 @@ def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
     if pad == 0:
         return x, n
     return np.concatenate([x, np.repeat(x[:1], pad, axis=0)], axis=0), n
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """``x`` as a NumPy array on every process (gathered across processes when sharded)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from jaxgen.diffusion.predictions import check_prediction
 from jaxgen.errors import InputError
-from jaxgen.parallel import batch_sharding
+from jaxgen.parallel import batch_sharding, to_host
 from jaxgen.sampling import solvers
 from jaxgen.sampling.grids import make_grid
 from jaxgen.sampling.guidance import Guidance, make_denoiser
@@ -71,7 +71,7 @@ class _Config:
     mesh: Mesh | None
 
 
-def _run(config: _Config, key, first_index, ts, x_T, cond, uncond, gparams, params):
+def _run(config: _Config, key, first_index, ts, x_T, cond, uncond, gparams, params=None):
     b = config.shape[0]
     ids = first_index + jnp.arange(b)
     per_sample = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
@@ -251,14 +251,6 @@ def to_uint8(x: jax.Array) -> jax.Array:
 _to_uint8_jit = jax.jit(to_uint8)
 
 
-def _host(x) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def generate(
     model_fn: Callable,
     process,
@@ -314,7 +306,7 @@ def generate(
     pending = launch(0)
     for start in range(0, num, batch_size):
         following = launch(start + batch_size) if start + batch_size < num else None
-        yield _host(pending)[: min(batch_size, num - start)]
+        yield to_host(pending)[: min(batch_size, num - start)]
         pending = following
 
 

@@ -22,6 +22,7 @@ from jaxgen.errors import InputError
 from jaxgen.metrics import GaussianStats, frechet_distance, save_stats
 from jaxgen.metrics.evaluate import FeatureNeeds, Side, featurize
 from jaxgen.metrics.features import FeatureExtractor
+from jaxgen.parallel import to_host
 from jaxgen.train.paths import is_local, open_atomic
 from jaxgen.train.state import Setup
 
@@ -35,11 +36,12 @@ def make_sampler(
     cfg_scale: float = 1.0,
     solver_options: dict | None = None,
 ):
-    """A jitted ``sampler(params, key, first_index, labels) -> uint8 [B, H, W, C]``.
+    """A ``sampler(params, key, first_index, labels) -> uint8 [B, H, W, C]``.
 
-    The parameters are an argument of the compiled function (not constants
-    baked into it), so one compilation serves every evaluation of a run.
-    Sample ``i`` depends only on ``(key, i)``, as in :func:`jaxgen.sampling.sample`.
+    The parameters reach :func:`jaxgen.sampling.sample` as its ``params``
+    argument, not as constants of the program, so one compilation serves
+    every evaluation of a run and every EMA. Sample ``i`` depends only on
+    ``(key, i)``, as in :func:`jaxgen.sampling.sample`.
 
     Args:
       setup: the run's model and process.
@@ -52,26 +54,31 @@ def make_sampler(
     if cfg_scale != 1.0 and not setup.num_classes:
         raise InputError(f"cfg_scale={cfg_scale} needs a class-conditional model (num_classes>0).")
     shape = (batch_size, *setup.image_shape)
+    guidance = None
+    if cfg_scale != 1.0:
+        guidance = sampling.Guidance(cfg_scale, uncond={"label": jnp.full((1,), setup.num_classes)})
+    # One function object for the run: the compiled program is cached on its identity.
+    model_fn = lambda params, x_t, t, c: setup.apply(params, x_t, t, c)
 
-    def run(params, key, first_index, labels):
-        cond = {"label": labels} if setup.num_classes else None
-        guidance = None
-        if cfg_scale != 1.0:
-            null = {"label": jnp.full((1,), setup.num_classes)}
-            guidance = sampling.Guidance(cfg_scale, uncond=null)
-        # `sample` checks its time grid with concrete arithmetic; inside this jit those
-        # constants must still evaluate eagerly (only `params` and the inputs are traced).
-        with jax.ensure_compile_time_eval():
-            x, _ = sampling.sample(
-                lambda x_t, t, c: setup.apply(params, x_t, t, c),
-                setup.process, key, shape,
-                prediction=setup.prediction, solver=solver, steps=steps, cond=cond,
-                guidance=guidance, mesh=setup.mesh, solver_options=solver_options,
-                first_index=first_index,
-            )
+    def sampler(params, key, first_index, labels):
+        x, _ = sampling.sample(
+            model_fn,
+            setup.process,
+            key,
+            shape,
+            prediction=setup.prediction,
+            solver=solver,
+            steps=steps,
+            cond={"label": labels} if setup.num_classes else None,
+            guidance=guidance,
+            mesh=setup.mesh,
+            solver_options=solver_options,
+            first_index=first_index,
+            params=params,
+        )
         return sampling.to_uint8(x)
 
-    return jax.jit(run)
+    return sampler
 
 
 def generate(
@@ -86,16 +93,8 @@ def generate(
         idx = np.arange(start, start + batch_size)
         labels = (idx % num_classes).astype(np.int32) if num_classes else None
         images = sampler(params, key, start, None if labels is None else jnp.asarray(labels))
-        images = _to_host(images)[: min(batch_size, num - start)]
+        images = to_host(images)[: min(batch_size, num - start)]
         yield images, None if labels is None else labels[: len(images)]
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def image_grid(images: np.ndarray, cols: int = 8, pad: int = 2) -> np.ndarray:
