@@ -28,7 +28,7 @@ INSTALL = (
     "python3 -m pip install --quiet --user --upgrade uv && rm -rf jaxgen-venv"
     " && python3 -m uv venv --quiet --python 3.12 jaxgen-venv"
     " && python3 -m uv pip install --quiet --python jaxgen-venv/bin/python"
-    " -e './jaxgen[tfds]' 'jax[tpu]'"
+    " -e './jaxgen[tfds,gcs]' 'jax[tpu]'"
 )
 
 

@@ -63,7 +63,7 @@ install="python3 -m pip install --quiet --user --upgrade uv"
 install+=" && rm -rf $REMOTE_VENV"
 install+=" && python3 -m uv venv --quiet --python $(quote "$PYTHON_VERSION") $REMOTE_VENV"
 install+=" && python3 -m uv pip install --quiet --python $REMOTE_VENV/bin/python"
-install+=" -e './${REMOTE_REPO}[tfds]' 'jax[tpu]'"
+install+=" -e './${REMOTE_REPO}[tfds,gcs]' 'jax[tpu]'"
 command="$fetch && $install"
 if [[ -n $TFDS_DATA ]]; then
   command+=" && mkdir -p tensorflow_datasets"
