@@ -14,7 +14,6 @@ first 64. Score them with ``python -m jaxgen.evaluate REAL samples.npz``.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 from etils import epath
@@ -49,36 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 1 or args.batch_size < 1:
         raise InputError(f"--num {args.num} and --batch-size {args.batch_size} must be >= 1.")
     import jax
-    import ml_collections
 
-    from jaxgen.train import (
-        Checkpointer,
-        abstract_state,
-        build,
-        ema_name,
-        generate,
-        image_grid,
-        make_sampler,
-        save_png,
-    )
+    from jaxgen.train import generate, image_grid, load_run, make_sampler, save_png
     from jaxgen.train.paths import open_atomic
 
-    config_path = args.workdir / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"{config_path}: not found; --workdir must be a jaxgen.train run folder.")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    setup, _ = build(config)
-    restored = Checkpointer(args.workdir / "checkpoints").restore_latest(abstract_state(setup))
-    if restored is None:
-        raise InputError(f"{args.workdir / 'checkpoints'}: no checkpoint to sample from.")
-    state, _, step = restored
-    which = args.ema or ema_name(config.train.ema_decays[0])
-    if which == "params":
-        params = state.params
-    elif which in state.ema or ema_name(float(which)) in state.ema:
-        params = state.ema[which if which in state.ema else ema_name(float(which))]
-    else:
-        raise InputError(f"--ema {which}: the run has EMAs {sorted(state.ema)} (or 'params').")
+    setup, params, step, which = load_run(args.workdir, args.ema)
     batch = min(args.batch_size, args.num)
     sampler = make_sampler(setup, batch, solver=args.solver, steps=args.steps,
                            cfg_scale=args.cfg_scale)

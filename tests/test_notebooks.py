@@ -81,7 +81,10 @@ def test_quickstart(tmp_path, monkeypatch, xla_cache):
 def test_samplers_and_metrics(tmp_path, monkeypatch, xla_cache):
     nb, out = execute("samplers_and_metrics.ipynb", tmp_path, monkeypatch, xla_cache)
     assert "no checkpoint, training a tiny model" in out  # nothing given: trains its own
-    assert re.search(r"run, step 100: unet-small, Flow\(path='linear'\), predicts velocity", out)
+    assert re.search(
+        r"run, step 100 \(0\.\d+ weights\): unet-small, Flow\(path='linear'\), predicts velocity",
+        out,
+    )
     solvers = re.findall(r"(\w+) +\d+ steps +NFE +(\d+) +FID +([\d.]+)", out)
     assert {(s, int(n)) for s, n, _ in solvers} == {
         (s, n) for s in ("euler", "heun", "dpmpp_2m") for n in (5, 9)

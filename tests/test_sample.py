@@ -58,8 +58,9 @@ def test_sample_with_guidance_and_raw_params(run_dir, tmp_path):
 def test_sample_errors(run_dir, tmp_path):
     with pytest.raises(InputError, match="config.json: not found"):
         sample.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "x.npz")])
-    with pytest.raises(InputError, match="--ema 0.5"):
-        sample.main(["--workdir", str(run_dir), "--ema", "0.5", "--out", str(tmp_path / "x.npz")])
+    for bad in ("0.5", "best"):  # a decay the run does not keep; not a decay at all
+        with pytest.raises(InputError, match=f"ema='{bad}': the run keeps EMAs with decays"):
+            sample.main(["--workdir", str(run_dir), "--ema", bad, "--out", str(tmp_path / "x.npz")])
 
 
 def test_train_cli_dry_run():

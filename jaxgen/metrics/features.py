@@ -118,7 +118,8 @@ def extract_features(
 
     Args:
       images: uint8 [N, H, W, C], C in {1, 3}, any H and W.
-      batch_size: images per device step.
+      batch_size: images per device step (at most N: a smaller set is one step
+        of its own size, not a padded full batch).
       mesh: device mesh (default: all devices).
       inception: ``(module, variables)``; default :func:`load_inception`.
     """
@@ -126,4 +127,5 @@ def extract_features(
         from jaxgen.metrics.weights import load_inception
 
         inception = load_inception()
+    batch_size = min(batch_size, max(1, len(images)))
     return FeatureExtractor(*inception, batch_size=batch_size, mesh=mesh)(images)

@@ -16,6 +16,7 @@ from jaxgen.train.evaluation import (
     save_png,
 )
 from jaxgen.train.loop import TrainingDiverged, build, describe, train_and_evaluate
+from jaxgen.train.run import Run, load_run
 from jaxgen.train.state import (
     PROCESSES,
     Setup,
@@ -36,6 +37,7 @@ __all__ = [
     "PROCESSES",
     "Checkpointer",
     "MetricWriter",
+    "Run",
     "Setup",
     "TensorBoardWriter",
     "TrainState",
@@ -49,6 +51,7 @@ __all__ = [
     "generate",
     "image_grid",
     "init_state",
+    "load_run",
     "make_optimizer",
     "make_sampler",
     "make_schedule",

@@ -56,7 +56,7 @@ def make_sampler(
     shape = (batch_size, *setup.image_shape)
     guidance = None
     if cfg_scale != 1.0:
-        guidance = sampling.Guidance(cfg_scale, uncond={"label": jnp.full((1,), setup.num_classes)})
+        guidance = sampling.Guidance(cfg_scale, uncond=setup.null_cond)
     # One function object for the run: the compiled program is cached on its identity.
     model_fn = lambda params, x_t, t, c: setup.apply(params, x_t, t, c)
 

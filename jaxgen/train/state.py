@@ -139,6 +139,13 @@ class Setup:
     num_classes: int
     config: ml_collections.ConfigDict
 
+    @property
+    def null_cond(self) -> dict | None:
+        """The "no class" condition (label ``num_classes``, learned through label
+        dropout) for classifier-free guidance's unconditional pass, batch 1;
+        ``None`` for an unconditional model."""
+        return {"label": jnp.full((1,), self.num_classes, jnp.int32)} if self.num_classes else None
+
     def apply(self, params, x_t, t, cond, *, train: bool = False, rngs=None):
         """The model as the loss and samplers see it (``model_fn(params, x_t, t, cond)``).
 
