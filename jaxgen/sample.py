@@ -8,7 +8,10 @@ from its first EMA (``--ema`` picks another decay, or ``params``). ``arr_0``
 holds uint8 NHWC images and, for a class-conditional model, ``arr_1`` the
 labels (``i % num_classes``, so classes are balanced); ``OUT.png`` shows the
 first 64. Score them with ``python -m jaxgen.evaluate REAL samples.npz``.
-``--workdir`` and ``--out`` may be in a bucket (``gs://BUCKET/...``).
+``--workdir`` and ``--out`` may be in a bucket (``gs://BUCKET/...``). On a
+pod, start it on every host as training is started (``JAXGEN_DISTRIBUTED=1``
+or the ``JAXGEN_COORDINATOR``/``_NUM_PROCESSES``/``_PROCESS_ID`` variables):
+the hosts share the work and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -49,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--num {args.num} and --batch-size {args.batch_size} must be >= 1.")
     import jax
 
+    from jaxgen.parallel import initialize_distributed
     from jaxgen.train import generate, image_grid, load_run, make_sampler, save_png
     from jaxgen.train.paths import open_atomic
 
+    initialize_distributed()  # multi-host when launched as training is (JAXGEN_* or cluster env)
     setup, params, step, which = load_run(args.workdir, args.ema)
     batch = min(args.batch_size, args.num)
     sampler = make_sampler(setup, batch, solver=args.solver, steps=args.steps,
