@@ -76,6 +76,10 @@ def test_fid_infinity_removes_the_1_over_n_bias():
     assert out.slope > 0
 
 
+def softmax1(logits):
+    return softmax(logits, axis=1)
+
+
 def test_is_infinity_matches_reference():
     logits = np.random.default_rng(2).normal(size=(900, 20)) * 2
     out = is_infinity(logits, num_points=5, min_n=200, seed=1)
@@ -87,6 +91,14 @@ def test_is_infinity_matches_reference():
     np.testing.assert_allclose(out.scores, scores, rtol=1e-12)
     np.testing.assert_allclose((out.value, out.slope), reference_line(out.n, out.scores))
     np.testing.assert_array_equal(is_infinity(logits, 5, 200, seed=1).scores, out.scores)
+    # With splits, each IS_N is the mean over consecutive chunks of the drawn rows.
+    split = is_infinity(logits, num_points=3, min_n=300, seed=4, splits=3)
+    draw = np.random.RandomState(4)
+    for k, score in zip(split.n, split.scores, strict=True):
+        rows = logits[draw.permutation(900)[:k]]
+        chunks = [rows[i * k // 3 : (i + 1) * k // 3] for i in range(3)]
+        ref = [np.exp((p * np.log(p / p.mean(0))).sum(1).mean()) for p in map(softmax1, chunks)]
+        np.testing.assert_allclose(score, np.mean(ref), rtol=1e-12)
 
 
 @pytest.mark.parametrize(
