@@ -2,22 +2,55 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
 from jaxgen.errors import InputError
 
 
-def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+def cpu_device_per_core() -> None:
+    """Give JAX one CPU device per core this process may use (at most 16).
+
+    XLA runs a CPU convolution on one core per device, so splitting each
+    batch over one device per core is what keeps every core busy: the FID
+    Inception went from 11.1 to 15.2 images/s on the 2-core CPU (batch 10
+    per device). Does nothing when the device count is already chosen
+    (``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``, or
+    ``JAX_NUM_CPU_DEVICES``) or JAX has started; a GPU or TPU, when present,
+    stays the default backend.
+    """
+    import jax
+
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", min(16, len(os.sched_getaffinity(0))))
+    except RuntimeError:  # the backends are up already (e.g. called from a running program)
+        pass
+
+
+def run(
+    main: Callable[[list[str] | None], int | None],
+    argv: list[str] | None = None,
+    *,
+    split_cpu: bool = False,
+) -> None:
     """Run ``main``; bad input becomes one line on stderr and exit code 2.
 
     XLA's persistent compilation cache is kept under the jaxgen cache folder,
     so a second run of a command skips the compilation (~10 s for Inception).
+    ``split_cpu`` calls :func:`cpu_device_per_core` first (for commands whose
+    work splits over any number of devices, such as feature extraction).
     """
     import jax
 
     from jaxgen.cache import cache_dir
 
+    if split_cpu:
+        cpu_device_per_core()
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     try:
         code = main(argv)

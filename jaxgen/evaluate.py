@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("fake", help="generated images or statistics")
     p.add_argument("--metrics", default="fid", help=f"comma-separated, of {','.join(METRICS)}")
     p.add_argument("--json", type=Path, help="also write the results to this file")
-    p.add_argument("--batch-size", type=int, default=100, help="images per step (all devices)")
+    p.add_argument("--batch-size", type=int,
+                   help="images per step, all devices (default: 10 per device on CPU, else 100)")
     p.add_argument("--weights", help="Inception weight file (default: cache / download)")
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
@@ -82,4 +83,4 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, split_cpu=True)

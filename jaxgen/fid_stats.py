@@ -14,7 +14,7 @@ import argparse
 from jaxgen import cli
 from jaxgen.data import open_source
 from jaxgen.metrics.evaluate import FeatureNeeds, Side, featurize
-from jaxgen.metrics.features import FeatureExtractor
+from jaxgen.metrics.features import FeatureExtractor, default_batch_size
 from jaxgen.metrics.stats import save_stats
 
 
@@ -26,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("source", help="images: folder, npz/npy, IDX, tfds:NAME[:SPLIT], fashion_mnist")
     p.add_argument("out", help="statistics file to write (.npz)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int,
+                   help="images per step, all devices (default: 10 per device on CPU, else 100)")
     p.add_argument("--weights", help="Inception weight file (default: cache / download)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     from jaxgen.metrics.weights import load_inception
 
     side = Side(args.source, source=open_source(args.source))
-    batch_size = min(args.batch_size, len(side.source))  # never pad beyond the data
+    batch_size = min(args.batch_size or default_batch_size(), len(side.source))  # no padding
     extractor = FeatureExtractor(*load_inception(args.weights), batch_size=batch_size)
     f = featurize(side, FeatureNeeds(), extractor, progress=not args.no_progress)
     save_stats(args.out, f["pool3_stats"], f["spatial_stats"])
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, split_cpu=True)

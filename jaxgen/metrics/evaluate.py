@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from jaxgen.data import ArraySource, FirstN, ImageSource, eval_part, iterate_eval, open_source
 from jaxgen.errors import InputError
-from jaxgen.metrics.features import FeatureExtractor
+from jaxgen.metrics.features import FeatureExtractor, default_batch_size
 from jaxgen.metrics.fid import frechet_distance
 from jaxgen.metrics.fid_infinity import fid_infinity, is_infinity
 from jaxgen.metrics.inception_score import inception_score
@@ -205,7 +205,7 @@ def evaluate(
     fake: str | os.PathLike | np.ndarray | ImageSource | GaussianStats,
     metrics: Sequence[str] = ("fid",),
     *,
-    batch_size: int = 100,
+    batch_size: int | None = None,
     mesh: Mesh | None = None,
     inception: tuple | None = None,
     kid_subsets: int = 100,
@@ -227,7 +227,8 @@ def evaluate(
         specs, :class:`ImageSource` objects, uint8 arrays, or statistics
         (``GaussianStats`` or an npz with ``mu``/``sigma``).
       metrics: any of ``fid``, ``sfid``, ``is``, ``kid``, ``pr``, ``dc``.
-      batch_size: images per device step (all devices together).
+      batch_size: images per device step (all devices together); default
+        :func:`jaxgen.metrics.features.default_batch_size`.
       mesh: device mesh; default all devices.
       inception: ``(module, variables)``; default :func:`load_inception`.
       kid_subsets, kid_subset_size: KID's subsets (torch-fidelity's defaults).
@@ -264,6 +265,7 @@ def evaluate(
     todo = {k: s for k, s in sides.items() if _needs(metrics, fake=k == "fake").any_images(s)}
     if todo:
         # No step larger than the data: padding 6 images to 100 would waste 94 images of work.
+        batch_size = batch_size or default_batch_size(mesh)
         largest = max(
             (len(s.source) for s in todo.values() if s.source is not None), default=batch_size
         )

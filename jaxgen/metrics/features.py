@@ -22,13 +22,24 @@ from jaxgen.parallel import batch_sharding, make_mesh, pad_batch, replicated
 FEATURE_KEYS = ("pool3", "logits", "spatial")
 
 
+def default_batch_size(mesh: Mesh | None = None) -> int:
+    """Images per feature step: 10 per device on CPU, 100 in all on accelerators.
+
+    On CPU, small steps are faster (the working set stays in cache): on the
+    2-core CPU one device did 11.1 images/s at 10 per step, 8.8 at 50 and 7.0
+    at 100.
+    """
+    mesh = mesh if mesh is not None else make_mesh()
+    return 10 * mesh.devices.size if mesh.devices.flat[0].platform == "cpu" else 100
+
+
 class FeatureExtractor:
     """Runs the FID Inception on batches of uint8 NHWC images.
 
     Args:
       module, variables: from :func:`jaxgen.metrics.load_inception`.
       batch_size: images per step across all processes (rounded up to a
-        multiple of the device count).
+        multiple of the device count); default :func:`default_batch_size`.
       mesh: device mesh; default all devices.
     """
 
@@ -37,13 +48,15 @@ class FeatureExtractor:
         module: InceptionV3,
         variables: dict,
         *,
-        batch_size: int = 100,
+        batch_size: int | None = None,
         mesh: Mesh | None = None,
     ) -> None:
+        self.mesh = mesh if mesh is not None else make_mesh()
+        if batch_size is None:
+            batch_size = default_batch_size(self.mesh)
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}.")
         self.module = module
-        self.mesh = mesh if mesh is not None else make_mesh()
         n_dev = self.mesh.devices.size
         self.batch_size = -(-batch_size // n_dev) * n_dev
         self.local_batch = self.batch_size // jax.process_count()
@@ -110,7 +123,7 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 def extract_features(
     images: np.ndarray,
     *,
-    batch_size: int = 100,
+    batch_size: int | None = None,
     mesh: Mesh | None = None,
     inception: tuple[InceptionV3, dict] | None = None,
 ) -> dict[str, np.ndarray]:
@@ -118,8 +131,9 @@ def extract_features(
 
     Args:
       images: uint8 [N, H, W, C], C in {1, 3}, any H and W.
-      batch_size: images per device step (at most N: a smaller set is one step
-        of its own size, not a padded full batch).
+      batch_size: images per device step, default :func:`default_batch_size`
+        (at most N: a smaller set is one step of its own size, not a padded
+        full batch).
       mesh: device mesh (default: all devices).
       inception: ``(module, variables)``; default :func:`load_inception`.
     """
@@ -127,5 +141,5 @@ def extract_features(
         from jaxgen.metrics.weights import load_inception
 
         inception = load_inception()
-    batch_size = min(batch_size, max(1, len(images)))
+    batch_size = min(batch_size or default_batch_size(mesh), max(1, len(images)))
     return FeatureExtractor(*inception, batch_size=batch_size, mesh=mesh)(images)
