@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from jaxgen import cli
+from jaxgen.files import open_atomic
 from jaxgen.metrics.evaluate import METRICS, evaluate
 
 
@@ -68,18 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     text = json.dumps(result, indent=2)
     if args.json is not None:
-        write_text_atomic(args.json, text + "\n")
+        with open_atomic(args.json) as f:
+            f.write((text + "\n").encode())
     print(text)
     return 0
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

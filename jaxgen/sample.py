@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--num {args.num} and --batch-size {args.batch_size} must be >= 1.")
     import jax
 
+    from jaxgen.files import open_atomic
     from jaxgen.parallel import initialize_distributed
     from jaxgen.train import generate, image_grid, load_run, make_sampler, save_png
-    from jaxgen.train.paths import open_atomic
 
     initialize_distributed()  # multi-host when launched as training is (JAXGEN_* or cluster env)
     setup, params, step, which = load_run(args.workdir, args.ema)

@@ -35,3 +35,15 @@ def inception(fid_helper_wheel):
     from jaxgen.metrics.weights import load_inception
 
     return load_inception(fid_helper_wheel)
+
+
+@pytest.fixture(scope="module")
+def module_compile_cache(tmp_path_factory):
+    """A persistent XLA compilation cache shared by the tests of one module, then restored."""
+    import jax
+
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)

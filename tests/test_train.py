@@ -38,6 +38,10 @@ from jaxgen.train.writers import TensorBoardWriter, crc32c
 TINY_PARAMS = 45_201
 
 
+# Compilations are reused between the runs of the module (identical configs, identical HLO).
+pytestmark = pytest.mark.usefixtures("module_compile_cache")
+
+
 def tiny_images(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Small structured 8x8 grayscale images (bars whose position is the label) + labels."""
     rng = np.random.default_rng(0)
@@ -144,16 +148,6 @@ def test_ema_decay_warmup():
     n = jnp.asarray([0, 10, 10_000])
     np.testing.assert_allclose(ema_decay(0.999, n, True), [0.1, 11 / 20, 0.999], rtol=1e-6)
     np.testing.assert_allclose(ema_decay(0.999, n, False), [0.999] * 3, rtol=1e-6)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Reuse compilations between the runs of this module (identical configs, identical HLO)."""
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,13 @@ from PIL import Image
 from test_train import tiny_config, tiny_images  # tests/ is on sys.path under pytest
 
 from jaxgen import sample
+from jaxgen.files import GrowingFile, is_local, open_atomic
 from jaxgen.metrics import GaussianStats
 from jaxgen.train import Checkpointer, read_events, reference_stats, train_and_evaluate
 from jaxgen.train import evaluation as evaluation_module
-from jaxgen.train.paths import GrowingFile, is_local, open_atomic
+
+# Compilations are reused between the runs of the module (identical configs, identical HLO).
+pytestmark = pytest.mark.usefixtures("module_compile_cache")
 
 
 class FakeBucket(epath_backend._OsPathBackend):
@@ -112,16 +115,6 @@ def bucket(tmp_path, monkeypatch) -> FakeBucket:
     monkeypatch.chdir(cwd)
     yield fake
     assert not os.listdir(cwd), f"written to the current folder: {os.listdir(cwd)}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Reuse compilations between the runs of this module."""
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import zipfile
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from scipy.linalg import blas
 
 from jaxgen.errors import InputError
+from jaxgen.files import open_atomic
 
 CHUNK_ROWS = 8192  # rows converted to float64 at a time: memory O(CHUNK_ROWS * D), not O(N * D)
 
@@ -111,12 +111,13 @@ class GaussianStats:
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, with pickles refused and corruption reported by name."""
-    path = Path(path)
+    """Every array of an ``.npz`` file (local or ``gs://...``), with pickles refused and
+    corruption reported by name."""
+    path = epath.Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file.")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with path.open("rb") as raw, np.load(raw, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{path}: not a readable .npz file ({e}).") from None
@@ -130,24 +131,16 @@ def save_stats(
     """Write statistics as an npz that pytorch-fid and the ADM evaluator both read.
 
     Keys: ``mu``, ``sigma`` (pool3), ``mu_s``, ``sigma_s`` (sFID, when given)
-    and ``n``. The file is written to a temporary name and renamed, so an
-    existing file is never left half-written.
+    and ``n``. ``path`` may be local or ``gs://...``; it is written whole or
+    not at all (:func:`jaxgen.files.open_atomic`).
     """
     arrays = {"mu": stats.mu, "sigma": stats.sigma}
     if spatial is not None:
         arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
     if stats.n is not None:
         arrays["n"] = np.asarray(stats.n, np.int64)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open_atomic(path) as f:
+        np.savez(f, **arrays)
 
 
 class MomentAccumulator:

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import io
 import os
-import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 
 from jaxgen.cache import cache_dir
 from jaxgen.errors import InputError
+from jaxgen.files import open_atomic
 from jaxgen.metrics.inception import INPUT_SIZE, InceptionV3
 from jaxgen.metrics.torch_pickle import read_torch_file
 
@@ -220,15 +220,8 @@ def _cache_file(source: WeightSource) -> Path:
 
 def _save_params(path: Path, params: dict) -> None:
     flat = {".".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **flat)
-        os.replace(tmp, path)  # a reader never sees a half-written cache file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open_atomic(path) as f:  # a reader never sees a half-written cache file
+        np.savez(f, **flat)
 
 
 def _load_cached(path: Path, source: WeightSource) -> dict | None:
@@ -264,10 +257,8 @@ def _download(source: WeightSource, dest: Path) -> bool:
         return False
     if not source.matches(raw):
         return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".partial")
-    tmp.write_bytes(raw)
-    os.replace(tmp, dest)
+    with open_atomic(dest) as f:
+        f.write(raw)
     return True
 
 

@@ -6,9 +6,7 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +17,11 @@ from PIL import Image
 from jaxgen import sampling
 from jaxgen.data import ArraySource, FirstN, center_crop_resize, iterate_eval, open_source
 from jaxgen.errors import InputError
+from jaxgen.files import open_atomic
 from jaxgen.metrics import GaussianStats, frechet_distance, save_stats
 from jaxgen.metrics.evaluate import FeatureNeeds, Side, featurize
 from jaxgen.metrics.features import FeatureExtractor
 from jaxgen.parallel import to_host
-from jaxgen.train.paths import is_local, open_atomic
 from jaxgen.train.state import Setup
 
 
@@ -148,7 +146,7 @@ def reference_stats(
     key = f"{spec}|{num}|{resolution}|{pad_to}|{extractor.module.source}"
     path = epath.Path(workdir) / f"fid_ref_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
     if path.exists():
-        return _load_stats(path)
+        return GaussianStats.load(path)
     source = open_source(spec)
     n = len(source) if num is None else min(num, len(source))
     print(f"computing FID reference statistics of {n} images of {source.name} -> {path}",
@@ -158,20 +156,8 @@ def reference_stats(
     stats = featurize(Side(spec, source=ArraySource(images, spec)), FeatureNeeds(), extractor,
                       progress=jax.process_index() == 0)["pool3_stats"]
     if jax.process_index() == 0:
-        # save_stats writes local files; the bytes then go to the workdir, wherever it is.
-        with tempfile.TemporaryDirectory() as tmp, open_atomic(path) as f:
-            save_stats(Path(tmp) / path.name, stats)
-            f.write((Path(tmp) / path.name).read_bytes())
+        save_stats(path, stats)
     return stats
-
-
-def _load_stats(path: epath.Path) -> GaussianStats:
-    """:meth:`GaussianStats.load` of a local file or, through a local copy, of ``gs://...``."""
-    if is_local(path):
-        return GaussianStats.load(os.fspath(path))
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / path.name).write_bytes(path.read_bytes())
-        return GaussianStats.load(Path(tmp) / path.name)
 
 
 def _first(source, n: int):

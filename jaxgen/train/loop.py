@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from jaxgen.data import TrainIterator, open_source
 from jaxgen.errors import InputError
+from jaxgen.files import open_atomic
 from jaxgen.models import count_params
 from jaxgen.parallel import initialize_distributed, make_mesh
 from jaxgen.train.checkpoint import Checkpointer
@@ -27,7 +28,6 @@ from jaxgen.train.evaluation import (
     reference_stats,
     save_png,
 )
-from jaxgen.train.paths import open_atomic
 from jaxgen.train.state import (
     Setup,
     TrainState,

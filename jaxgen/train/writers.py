@@ -6,7 +6,7 @@ scalars need only four message fields, so they are encoded here by hand
 with TFRecord's masked CRC-32C checksums.
 
 Both writers work on a local folder or a bucket (``gs://...``): see
-:class:`jaxgen.train.paths.GrowingFile` for how a file grows where nothing can be appended.
+:class:`jaxgen.files.GrowingFile` for how a file grows where nothing can be appended.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 from etils import epath
 
-from jaxgen.train.paths import GrowingFile
+from jaxgen.files import GrowingFile
 
 
 def _crc32c_table() -> list[int]:

@@ -1,5 +1,7 @@
-"""Run folders on a local disk or in a bucket (``gs://BUCKET/...``), through ``etils.epath``.
+"""Files that jaxgen writes, on a local disk or in a bucket (``gs://BUCKET/...``), via epath.
 
+Every file jaxgen writes goes through :func:`open_atomic` (statistics, converted
+weights, JSON results, checkpoint metadata, samples) or :class:`GrowingFile` (logs).
 Every path of a run (workdir, checkpoints, logs, samples, ``jaxgen.sample`` outputs) is an
 :class:`etils.epath.Path`, as orbax's are: a local path behaves as a ``pathlib`` one, and
 ``gs://`` (or ``s3://``) reaches the bucket through ``tf.io.gfile`` if TensorFlow is
@@ -47,13 +49,14 @@ def open_atomic(path: epath.PathLike) -> Iterator[BinaryIO]:
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_local(path):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        folder = os.fspath(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            with tmp.open("wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 yield f
-            tmp.replace(path)
+            os.replace(tmp, os.fspath(path))
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            os.unlink(tmp)
             raise
     else:
         with tempfile.TemporaryFile() as f:
