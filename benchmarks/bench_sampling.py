@@ -54,6 +54,7 @@ def accuracy(n_ode: int = 256, n_moments: int = 20000):
         x_T = 80.0 * jax.random.normal(jax.random.key(1), (n_ode, 2), jnp.float64)
         ref, _ = S.sample(
             MIXTURE.denoiser(process),  # its own instance: traced in float64 only
+            None,
             process,
             jax.random.key(0),
             x_T.shape,
@@ -69,9 +70,10 @@ def accuracy(n_ode: int = 256, n_moments: int = 20000):
         for target in TARGET_NFE:
             steps = _steps_for(solver, target)
             kw = dict(prediction="x0", solver=solver, steps=steps)
-            x, info = S.sample(model, process, jax.random.key(0), (n_ode, 2), x_T=x_T32, **kw)
+            x, info = S.sample(model, None, process, jax.random.key(0), (n_ode, 2), x_T=x_T32,
+                               **kw)
             ode = np.nan if solver in SDE else float(np.sqrt(np.mean((np.asarray(x) - ref) ** 2)))
-            y, _ = S.sample(model, process, jax.random.key(2), (n_moments, 2), **kw)
+            y, _ = S.sample(model, None, process, jax.random.key(2), (n_moments, 2), **kw)
             y = np.asarray(y, np.float64)
             mom = np.abs(y.mean(0) - MIXTURE.mean()).sum() + np.linalg.norm(
                 np.cov(y.T) - MIXTURE.cov()
@@ -142,10 +144,10 @@ def plot(rows, path: str) -> None:
 
 
 def conv_model(key, channels: int = 32):
-    """A small 3-layer convolutional x0 model, time-conditioned by a bias."""
+    """A small 3-layer convolutional x0 model, time-conditioned by a bias: (model_fn, params)."""
     k1, k2, k3 = jax.random.split(key, 3)
     init = lambda k, shape: jax.random.normal(k, shape) / np.sqrt(np.prod(shape[:-1]))
-    w1, w2, w3 = (
+    params = (
         init(k1, (3, 3, 3, channels)),
         init(k2, (3, 3, channels, channels)),
         init(k3, (3, 3, channels, 3)),
@@ -154,13 +156,14 @@ def conv_model(key, channels: int = 32):
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
-    def model_fn(x, t, cond):
+    def model_fn(params, x, t, cond):
+        w1, w2, w3 = params
         emb = jnp.log(t)[:, None, None, None] / 4
         h = jax.nn.silu(conv(x, w1) + emb)
         h = jax.nn.silu(conv(h, w2) + emb)
         return conv(h, w3)
 
-    return model_fn
+    return model_fn, params
 
 
 def _timed(fn) -> float:
@@ -176,27 +179,30 @@ def overhead(repeats: int, shape=(16, 32, 32, 3)):
     on a shared machine hits all three alike; medians over repeats.
     """
     process = D.EDM()
-    model = conv_model(jax.random.key(0), channels=64)
+    model, params = conv_model(jax.random.key(0), channels=64)
     x = jax.random.normal(jax.random.key(1), shape)
     t = jnp.full((shape[0],), 1.0)
-    one_call = jax.jit(lambda x, t: model(x, t, None))
+    one_call = jax.jit(lambda p, x, t: model(p, x, t, None))
     results = []
     for solver, steps in (("euler", 20), ("dpmpp_2m", 20), ("heun", 10), ("unipc_bh2", 20)):
         run = lambda solver=solver, steps=steps: S.sample(
-            model, process, jax.random.key(0), shape, prediction="x0", solver=solver, steps=steps
+            model, params, process, jax.random.key(0), shape, prediction="x0", solver=solver,
+            steps=steps,
         )[0]
         nfe = S.sample(
-            model, process, jax.random.key(0), shape, prediction="x0", solver=solver, steps=steps
+            model, params, process, jax.random.key(0), shape, prediction="x0", solver=solver,
+            steps=steps,
         )[1]["nfe"]
         # The floor: the same NFE model calls chained in one jitted loop, nothing else.
-        loop = jax.jit(lambda x, n=nfe: jax.lax.fori_loop(0, n, lambda i, x: model(x, t, None), x))
-        jax.block_until_ready((run(), loop(x), one_call(x, t)))
+        loop = jax.jit(lambda p, x, n=nfe: jax.lax.fori_loop(
+            0, n, lambda i, x: model(p, x, t, None), x))
+        jax.block_until_ready((run(), loop(params, x), one_call(params, x, t)))
         times = np.array(
             [
                 (
                     _timed(run),
-                    _timed(lambda loop=loop: loop(x)),
-                    np.median([_timed(lambda: one_call(x, t)) for _ in range(5)]),
+                    _timed(lambda loop=loop: loop(params, x)),
+                    np.median([_timed(lambda: one_call(params, x, t)) for _ in range(5)]),
                 )
                 for _ in range(repeats)
             ]

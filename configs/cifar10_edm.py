@@ -27,15 +27,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 512
     c.model.kwargs = ml_collections.ConfigDict(dict(num_classes=0, dropout=0.13))
     c.diffusion.process = "edm"
-    c.diffusion.process_kwargs = ml_collections.ConfigDict(
-        dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
-    )
+    c.diffusion.process_kwargs = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0))
     c.diffusion.precond = "edm"
-    c.diffusion.sigma_data = 0.5
+    c.diffusion.sigma_data = 0.5  # the process, preconditioning and loss weight all read it
     c.diffusion.time_sampler = "lognormal"
     c.diffusion.time_sampler_kwargs = ml_collections.ConfigDict(dict(p_mean=-1.2, p_std=1.2))
     c.diffusion.weighting = "edm"
-    c.diffusion.weighting_kwargs = ml_collections.ConfigDict(dict(sigma_data=0.5))
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 19_531  # 10M images at batch 512
     c.optim.grad_clip = 0.0

@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.process_kwargs = ml_collections.ConfigDict(dict(path="linear"))
     c.diffusion.prediction = "velocity"  # eps | x0 | v | velocity | score
     c.diffusion.precond = "none"  # none | edm (Karras et al. 2022 preconditioning; predicts x0)
-    c.diffusion.sigma_data = 0.5  # for precond="edm"
+    c.diffusion.sigma_data = 0.5  # data scale: the EDM process, precond="edm" and weighting="edm"
     c.diffusion.time_scale = 1.0  # the network sees time_scale * t (precond="none")
     c.diffusion.time_sampler = "logit_normal"  # uniform | lognormal | logit_normal | discrete
     c.diffusion.time_sampler_kwargs = ml_collections.ConfigDict()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
 
 from jaxgen.errors import InputError
+from jaxgen.files import describe_os_error
 
 
 def cpu_device_per_core() -> None:
@@ -32,13 +34,31 @@ def cpu_device_per_core() -> None:
         pass
 
 
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a zero or negative integer flag (a flag left out, ``None``, is fine).
+
+    Args:
+      args: the parsed flags.
+      names: attribute names of the flags to check (``"batch_size"`` for ``--batch-size``).
+
+    Raises:
+      InputError: naming the flag and its value.
+    """
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} {value}: must be a positive integer.")
+
+
 def run(
     main: Callable[[list[str] | None], int | None],
     argv: list[str] | None = None,
     *,
     split_cpu: bool = False,
 ) -> None:
-    """Run ``main``; bad input becomes one line on stderr and exit code 2.
+    """Run ``main``; bad input and failed file operations become one line on stderr and
+    exit code 2 (an ``OSError`` names its file, and a full disk the space left on it).
 
     XLA's persistent compilation cache is kept under the jaxgen cache folder,
     so a second run of a command skips the compilation (~10 s for Inception).
@@ -56,6 +76,9 @@ def run(
         code = main(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,17 +8,23 @@ npz (pytorch-fid's ``mu``/``sigma`` or ADM's with ``mu_s``/``sigma_s``), an
 IDX file, ``tfds:NAME[:SPLIT]``, or ``fashion_mnist[:SPLIT]`` (Debian's copy
 when installed). One flat JSON object is printed (and written to ``--json``);
 a progress bar goes to stderr. Bad input exits with code 2 and a one-line
-message.
+message. ``fd_dinov2``, ``cmmd`` and ``clean_fid`` run DINOv2 ViT-L/14, CLIP
+ViT-L/14-336 and clean-fid's resize + Inception (``jaxgen.metrics.encoder_eval``);
+``--features dinov2`` computes fid/kid/pr/dc/fid_inf on DINOv2 features.
+``--json`` may be in a bucket (``gs://...``); it must not be an input,
+and a place it cannot be written is refused before the work. Should the write
+still fail, the results are on stdout already.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from jaxgen import cli
-from jaxgen.files import open_atomic
+from jaxgen.errors import InputError
+from jaxgen.files import as_path, check_outputs, check_writable, describe_os_error, open_atomic
+from jaxgen.metrics.encoder_eval import DINOV2_FEATURE_METRICS, ENCODER_METRICS, evaluate_encoders
 from jaxgen.metrics.evaluate import METRICS, evaluate
 
 
@@ -30,11 +36,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("real", help="reference images or statistics")
     p.add_argument("fake", help="generated images or statistics")
-    p.add_argument("--metrics", default="fid", help=f"comma-separated, of {','.join(METRICS)}")
-    p.add_argument("--json", type=Path, help="also write the results to this file")
+    p.add_argument("--metrics", default="fid",
+                   help=f"comma-separated, of {','.join(METRICS + ENCODER_METRICS)}")
+    p.add_argument("--json", help="also write the results to this file (local or gs://...)")
     p.add_argument("--batch-size", type=int,
                    help="images per step, all devices (default: 10 per device on CPU, else 100)")
     p.add_argument("--weights", help="Inception weight file (default: cache / download)")
+    p.add_argument("--features", default="inception", choices=("inception", "dinov2"),
+                   help="network of fid,kid,pr,dc,fid_inf (dinov2: ViT-L/14 CLS, dgm-eval input)")
+    p.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 file (default: $JAXGEN_CACHE)")
+    p.add_argument("--clip-weights", help="CLIP ViT-L/14-336 file (default: $JAXGEN_CACHE)")
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--inf-points", type=int, default=15, help="FID-inf/IS-inf: fitted points")
@@ -43,7 +54,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-real", type=int, help="use only the first N real images")
     p.add_argument("--num-fake", type=int, help="use only the first N fake images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_positive(args, "batch_size", "kid_subsets", "kid_subset_size", "num_real",
+                       "num_fake")
+    for flag, value in (("--inf-points", args.inf_points), ("--inf-min-n", args.inf_min_n)):
+        if value < 2:  # a line through at least 2 points, each a score of at least 2 samples
+            raise InputError(f"{flag} {value}: must be at least 2.")
+    for side in (args.real, args.fake):
+        as_path(side)  # a bucket without its backend: one line now, not after the work
+    if args.json is not None:
+        inputs = {"REAL": args.real, "FAKE": args.fake, "--weights": args.weights}
+        check_outputs({"--json": args.json}, {k: v for k, v in inputs.items() if v})
+        check_writable(args.json, "--json")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,26 +75,37 @@ def main(argv: list[str] | None = None) -> int:
     from jaxgen.metrics.weights import load_inception
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    result = evaluate(
-        args.real, args.fake, metrics,
-        batch_size=args.batch_size,
-        inception=load_inception(args.weights),
-        kid_subsets=args.kid_subsets,
-        kid_subset_size=args.kid_subset_size,
-        inf_points=args.inf_points,
-        inf_min_n=args.inf_min_n,
-        seed=args.seed,
-        num_real=args.num_real,
-        num_fake=args.num_fake,
-        progress=not args.no_progress,
-    )
-    text = json.dumps(result, indent=2)
-    if args.json is not None:
-        with open_atomic(args.json) as f:
-            f.write((text + "\n").encode())
-    print(text)
-    return 0
+    on_encoders = [m for m in metrics if m in ENCODER_METRICS
+                   or (args.features == "dinov2" and m in DINOV2_FEATURE_METRICS)]
+    scores = dict(kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                  inf_points=args.inf_points, inf_min_n=args.inf_min_n, seed=args.seed)
+    common = dict(batch_size=args.batch_size, num_real=args.num_real, num_fake=args.num_fake,
+                  progress=not args.no_progress)
+    result = {}
+    if len(on_encoders) < len(metrics) or not metrics:
+        result = evaluate(
+            args.real, args.fake, [m for m in metrics if m not in on_encoders],
+            inception=load_inception(args.weights), **scores, **common,
+        )
+    if on_encoders:
+        from jaxgen.encoders import load_clip, load_dinov2
 
+        result.update(evaluate_encoders(
+            args.real, args.fake, on_encoders, features=args.features,
+            inception=load_inception(args.weights) if "clean_fid" in on_encoders else None,
+            dinov2=load_dinov2(args.dinov2_weights) if args.dinov2_weights else None,
+            clip=load_clip(args.clip_weights) if args.clip_weights else None,
+            **scores, **common,
+        ))
+    text = json.dumps(result, indent=2)
+    print(text, flush=True)  # first: a failed write below must not lose the results
+    if args.json is not None:
+        try:
+            with open_atomic(args.json) as f:
+                f.write((text + "\n").encode())
+        except OSError as e:
+            raise InputError(f"{describe_os_error(e)}; the results are printed above.") from None
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 
 SOURCE is anything ``python -m jaxgen.evaluate`` accepts as images. OUT.npz
 holds ``mu``/``sigma`` (pool3, pytorch-fid's layout), ``mu_s``/``sigma_s``
-(sFID, the ADM evaluator's keys) and ``n``; both tools read it.
+(sFID, the ADM evaluator's keys) and ``n``; both tools read it. OUT.npz may be
+in a bucket (``gs://...``); it must not be SOURCE, and a place it cannot be
+written is refused before the work.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 
 from jaxgen import cli
 from jaxgen.data import open_source
+from jaxgen.files import as_path, check_outputs, check_writable
 from jaxgen.metrics.evaluate import FeatureNeeds, Side, featurize
 from jaxgen.metrics.features import FeatureExtractor, default_batch_size
 from jaxgen.metrics.stats import save_stats
@@ -31,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", help="Inception weight file (default: cache / download)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    cli.check_positive(args, "batch_size")
+    as_path(args.source)  # a bucket without its backend: one line now, not after the work
+    inputs = {"SOURCE": args.source, "--weights": args.weights}
+    check_outputs({"OUT": args.out}, {k: v for k, v in inputs.items() if v})
+    check_writable(args.out, "OUT")
     from jaxgen.metrics.weights import load_inception
 
     side = Side(args.source, source=open_source(args.source))

@@ -8,8 +8,10 @@ jaxgen parallelises with ``jax.jit`` over a :class:`jax.sharding.Mesh` and
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -90,18 +92,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
-    """Pad the leading axis of ``x`` up to a multiple of ``multiple`` by repeating row 0.
+def pad_batch(tree: Any, multiple: int) -> tuple[Any, int]:
+    """Pad the leading axis of every leaf up to a multiple of ``multiple`` by repeating row 0.
 
-    Returns the padded array and the number of real rows, so that callers
-    can drop the padding after the computation (nothing is ever dropped from
-    the real rows).
+    The one row-padding helper: leaves may be NumPy or JAX arrays (each keeps
+    its kind). Returns the padded tree and the number of real rows, so that
+    callers drop the padding after the computation (no real row is dropped).
     """
-    n = x.shape[0]
+    leaves = jax.tree.leaves(tree)
+    n = leaves[0].shape[0]
     pad = (-n) % multiple
-    if pad == 0:
-        return x, n
-    return np.concatenate([x, np.repeat(x[:1], pad, axis=0)], axis=0), n
+
+    def grow(a):
+        xp = np if isinstance(a, np.ndarray) else jnp
+        return xp.concatenate([a, xp.repeat(a[:1], pad, axis=0)], axis=0)
+
+    return (tree if pad == 0 else jax.tree.map(grow, tree)), n
 
 
 def to_host(x: jax.Array) -> np.ndarray:

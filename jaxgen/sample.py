@@ -17,12 +17,14 @@ the hosts share the work and process 0 writes the files.
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 from etils import epath
 
 from jaxgen import cli
 from jaxgen.errors import InputError
+from jaxgen.files import as_path, check_outputs, check_writable
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,28 +47,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad numbers and outputs that would overwrite an input or each other, before
+    any work: ``--out`` must be a writable ``.npz`` path, its grid ``OUT.png`` beside it
+    (so ``--out X.png`` would write the grid over the samples), neither the workdir, its
+    ``config.json`` nor anything in its ``checkpoints/``."""
+    cli.check_positive(args, "num", "batch_size", "steps")
+    if not math.isfinite(args.cfg_scale):
+        raise InputError(f"--cfg-scale {args.cfg_scale}: must be a finite number (1: no guidance).")
+    if args.out.suffix != ".npz":
+        raise InputError(f"--out {args.out}: must end in .npz (the grid goes beside it as .png).")
+    as_path(args.workdir)  # a bucket without its backend: one line now
+    check_outputs(
+        {"--out": args.out, "its grid": args.out.with_suffix(".png")},
+        {"--workdir": args.workdir, "the run's config": args.workdir / "config.json"},
+        {"the run's checkpoints": args.workdir / "checkpoints"},
+    )
+    check_writable(args.out, "--out")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = parse_args(argv)
-    if args.num < 1 or args.batch_size < 1:
-        raise InputError(f"--num {args.num} and --batch-size {args.batch_size} must be >= 1.")
+    check_arguments(args)
     import jax
 
     from jaxgen.files import open_atomic
     from jaxgen.parallel import initialize_distributed
-    from jaxgen.train import generate, image_grid, load_run, make_sampler, save_png
+    from jaxgen.train import class_labels, image_grid, load_run, sample_images, save_png
 
     initialize_distributed()  # multi-host when launched as training is (JAXGEN_* or cluster env)
     setup, params, step, which = load_run(args.workdir, args.ema)
-    batch = min(args.batch_size, args.num)
-    sampler = make_sampler(setup, batch, solver=args.solver, steps=args.steps,
-                           cfg_scale=args.cfg_scale)
     key = jax.random.key_data(jax.random.key(args.seed))
-    parts = list(generate(sampler, params, key, args.num, batch, setup.num_classes))
-    images = np.concatenate([p[0] for p in parts])
+    images = np.concatenate(list(sample_images(
+        setup, params, key, num=args.num, batch_size=min(args.batch_size, args.num),
+        solver=args.solver, steps=args.steps, cfg_scale=args.cfg_scale,
+    )))
     arrays = {"arr_0": images}
     if setup.num_classes:
-        arrays["arr_1"] = np.concatenate([p[1] for p in parts]).astype(np.int64)
+        arrays["arr_1"] = class_labels(np.arange(args.num), setup.num_classes).astype(np.int64)
     if jax.process_index() == 0:
         with open_atomic(args.out) as f:
             np.savez(f, **arrays)
@@ -77,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, split_cpu=True)

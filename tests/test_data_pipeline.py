@@ -135,8 +135,6 @@ def test_pad_28_to_32_and_resize():
     indices, _ = data.global_positions(0, len(src), np.arange(16))
     np.testing.assert_array_equal(x[:, 2:30, 2:30], src.read(indices))
     np.testing.assert_array_equal(batch["label"], src.labels[indices])
-    small = next(data.TrainIterator(src, 16, seed=0, resolution=16, resize_method="bilinear"))
-    assert small["image"].shape == (16, 16, 16, 1)
     with pytest.raises(InputError, match="pad_to=24 is smaller"):
         data.TrainIterator(src, 16, seed=0, pad_to=24)
 
@@ -164,8 +162,6 @@ def test_bad_arguments():
         data.TrainIterator(src, 4, seed=0, process_count=2, process_index=2)
     with pytest.raises(InputError, match="no labels"):
         data.TrainIterator(data.ArraySource(src._images, "x"), 4, seed=0, with_labels=True)
-    with pytest.raises(InputError, match="resize method"):
-        data.TrainIterator(src, 4, seed=0, resize_method="fancy")
 
 
 def test_read_errors_surface_from_the_prefetch_thread(tmp_path):

@@ -170,14 +170,14 @@ def test_mixture_posterior_mean_is_bayes_optimal():
     x0 = gm.sample(key, 5000)
     t = jnp.full((5000,), 0.4)
     x_t = p.alpha(t)[:, None] * x0 + p.sigma(t)[:, None] * jax.random.normal(key, x0.shape)
-    post = jax.jit(gm.denoiser(p))(x_t, t, None)
+    post = jax.jit(gm.denoiser(p))(None, x_t, t, None)
     best = float(jnp.mean((post - x0) ** 2))
     for delta in (0.05, -0.05):
         assert float(jnp.mean((post * (1 + delta) - x0) ** 2)) > best
     # Limits: identity at t = 0 and the data mean at alpha = 0.
-    np.testing.assert_allclose(gm.denoiser(D.Flow())(x0[:5], 0.0), x0[:5], atol=1e-6)
+    np.testing.assert_allclose(gm.denoiser(D.Flow())(None, x0[:5], 0.0), x0[:5], atol=1e-6)
     np.testing.assert_allclose(
-        gm.denoiser(D.Flow())(x0[:5], 1.0), np.broadcast_to(gm.mean(), (5, 2)), atol=1e-6
+        gm.denoiser(D.Flow())(None, x0[:5], 1.0), np.broadcast_to(gm.mean(), (5, 2)), atol=1e-6
     )
     # Entries of the sample covariance have sd <= sqrt(1.5 / 5000) ~ 0.017 here: 4 sd.
     np.testing.assert_allclose(np.cov(np.asarray(x0).T), gm.cov(), atol=0.07)

@@ -214,7 +214,7 @@ def test_presets_build_and_run():
     small = create_model("unet-small")
     out = jax.eval_shape(small.apply, abstract_init(small, x, t), x, t)
     assert out.shape == x.shape
-    assert len(MODEL_NAMES) == 15
+    assert len([n for n in MODEL_NAMES if n.startswith(("DiT-", "unet-"))]) == 15
     assert create_model("DiT-XL/8").patch == 8
 
 
@@ -350,8 +350,8 @@ def test_as_model_fn_keeps_prediction_channels():
     model = tiny_dit()  # learn_sigma=True
     x, t, cond = inputs()
     p = perturbed(init(model, x, t, cond))
-    out = jax.jit(as_model_fn(model, p))(x, t, cond)
-    # Closing over the parameters lets XLA fold constants: equal up to rounding.
+    out = jax.jit(as_model_fn(model))(p["params"], x, t, cond)
+    # The weights are an argument in both programs: the same computation, to rounding.
     np.testing.assert_allclose(out, apply(model, p, x, t, cond)[..., :4], atol=1e-6)
 
 

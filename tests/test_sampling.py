@@ -23,8 +23,8 @@ MIXTURE = D.GaussianMixture(
 def as_prediction(x0_fn, process, prediction):
     """Turn an x0 model into a model of another prediction type (exact conversion)."""
 
-    def model_fn(x, t, cond):
-        x0 = x0_fn(x, t, cond)
+    def model_fn(params, x, t, cond):
+        x0 = x0_fn(params, x, t, cond)
         return D.convert(x0, "x0", prediction, x_t=x, t=t, process=process)
 
     return model_fn
@@ -33,7 +33,7 @@ def as_prediction(x0_fn, process, prediction):
 def gaussian_x0(process, var=0.5):
     """E[x0 | x_t] for x0 ~ N(0, var I): the cheapest exact denoiser."""
 
-    def x0_fn(x, t, cond):
+    def x0_fn(params, x, t, cond):
         a, s = process.alpha(t)[:, None], process.sigma(t)[:, None]
         return (a * var / (a * a * var + s * s)).reshape(a.shape + (1,) * (x.ndim - 2)) * x
 
@@ -66,7 +66,8 @@ def test_every_solver_process_prediction_jits_and_is_finite(solver):
             model = as_prediction(gaussian_x0(p), p, pred)
             config = driver._Config(model, p, pred, solver, options, (4, 2, 3), False, None, None)
             outs.append(
-                driver._run(config, key, 0, ts, None, None, None, S.Guidance(1.0).dynamic())
+                driver._run(config, None, key, 0, ts, None, None, None, S.Guidance(1.0).dynamic(),
+                            None)
             )
         return outs
 
@@ -76,7 +77,7 @@ def test_every_solver_process_prediction_jits_and_is_finite(solver):
         assert np.all(np.isfinite(np.asarray(x))), (p, pred)
 
 
-def _no_model(x, t, cond):
+def _no_model(params, x, t, cond):
     raise AssertionError("the model must not be traced before the configuration is checked")
 
 
@@ -86,7 +87,7 @@ def _no_model(x, t, cond):
 )
 def test_eps_model_at_zero_snr_is_refused_before_compiling(process, prediction):
     with pytest.raises(InputError, match="alpha = 0"):
-        S.sample(_no_model, process, jax.random.key(0), (2, 2), prediction=prediction)
+        S.sample(_no_model, None, process, jax.random.key(0), (2, 2), prediction=prediction)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +124,7 @@ def test_bad_configuration_is_refused_before_compiling(kwargs, match):
     kw = dict(process=D.VP(), shape=(2, 2), prediction="eps") | kwargs
     process, shape = kw.pop("process"), kw.pop("shape")
     with pytest.raises(InputError, match=match):
-        S.sample(_no_model, process, jax.random.key(0), shape, **kw)
+        S.sample(_no_model, None, process, jax.random.key(0), shape, **kw)
 
 
 # ------------------------------------------------------------------ published equations
@@ -203,6 +204,7 @@ def _edm_reference():
         # RK4 at 512 steps: its error ~ err(32) / 16^4 ~ 1e-10, far below what is measured.
         ref, _ = S.sample(
             MIXTURE.denoiser(D.EDM()),
+            None,
             D.EDM(),
             jax.random.key(0),
             (64, 2),
@@ -241,6 +243,7 @@ def test_convergence_order(solver):
         for steps in (8, 16, 32):
             x, _ = S.sample(
                 MIXTURE.denoiser(D.EDM()),
+                None,
                 D.EDM(),
                 jax.random.key(0),
                 (64, 2),
@@ -279,6 +282,7 @@ def test_many_steps_reach_true_mean_and_covariance(solver):
     model = as_prediction(MIXTURE.denoiser(process), process, prediction)
     x, _ = S.sample(
         model,
+        None,
         process,
         jax.random.key(4),
         (n, 2),
@@ -355,11 +359,11 @@ def test_sample_i_depends_only_on_seed_and_index():
     model, process = MIXTURE.denoiser(D.VP()), D.VP()
     kw = dict(prediction="x0", solver="ddpm", steps=6)  # stochastic: step noise too
     key = jax.random.key(11)
-    whole, info = S.sample(model, process, key, (8, 2), **kw)
-    first, _ = S.sample(model, process, key, (3, 2), **kw)
-    rest, _ = S.sample(model, process, key, (5, 2), first_index=3, **kw)
-    sharded, _ = S.sample(model, process, key, (8, 2), mesh=make_mesh(), **kw)
-    padded, _ = S.sample(model, process, key, (5, 2), first_index=3, mesh=make_mesh(), **kw)
+    whole, info = S.sample(model, None, process, key, (8, 2), **kw)
+    first, _ = S.sample(model, None, process, key, (3, 2), **kw)
+    rest, _ = S.sample(model, None, process, key, (5, 2), first_index=3, **kw)
+    sharded, _ = S.sample(model, None, process, key, (8, 2), mesh=make_mesh(), **kw)
+    padded, _ = S.sample(model, None, process, key, (5, 2), first_index=3, mesh=make_mesh(), **kw)
     assert len(jax.devices()) == 8 and sharded.sharding.num_devices == 8
     # Same arithmetic on different batch shapes: XLA may vectorise differently,
     # so allow float32 rounding (~1e-7 relative) accumulated over 6 steps.
@@ -367,7 +371,7 @@ def test_sample_i_depends_only_on_seed_and_index():
     np.testing.assert_allclose(sharded, whole, atol=1e-5)
     np.testing.assert_allclose(padded, whole[3:], atol=1e-5)
     assert info["nfe"] == 6 and info["timesteps"].shape == (7,)
-    other, _ = S.sample(model, process, jax.random.key(12), (8, 2), **kw)
+    other, _ = S.sample(model, None, process, jax.random.key(12), (8, 2), **kw)
     assert not np.allclose(other, whole)
 
 
@@ -382,15 +386,15 @@ def test_params_are_an_argument_of_one_compiled_program():
     kw = dict(prediction="x0", solver="heun", steps=4)
     out = {}
     for w in (0.5, 0.7, 0.9):
-        out[w], _ = S.sample(scaled, process, key, (4, 2), params={"w": jnp.float32(w)}, **kw)
+        out[w], _ = S.sample(scaled, {"w": jnp.float32(w)}, process, key, (4, 2), **kw)
     # One trace for all three weights: they were never constants of the program.
     n_traces = len(traces)
-    S.sample(scaled, process, key, (4, 2), params={"w": jnp.float32(0.3)}, **kw)
+    S.sample(scaled, {"w": jnp.float32(0.3)}, process, key, (4, 2), **kw)
     assert len(traces) == n_traces
-    # And the same numbers as a closure over the weights (compiled once per closure).
+    # And the same numbers as the weights in plain Python floats.
     for w in (0.5, 0.9):
-        closure = lambda x, t, c, w=w: scaled({"w": w}, x, t, c)
-        closed, _ = S.sample(closure, process, key, (4, 2), **kw)
+        fixed = lambda p, x, t, c, w=w: scaled({"w": w}, x, t, c)
+        closed, _ = S.sample(fixed, None, process, key, (4, 2), **kw)
         np.testing.assert_allclose(out[w], closed, rtol=1e-6)
     assert not np.allclose(out[0.5], out[0.9])
 
@@ -398,16 +402,15 @@ def test_params_are_an_argument_of_one_compiled_program():
 def test_nfe_counts_real_model_calls():
     calls = []
 
-    def model(x, t, cond):
+    def model(params, x, t, cond):
         calls.append(1)
-        return gaussian_x0(D.EDM())(x, t, cond)
+        return gaussian_x0(D.EDM())(params, x, t, cond)
 
     for solver in S.SOLVERS:
         calls.clear()
         with jax.disable_jit():  # scan and cond run in Python: every call is seen
-            _, info = S.sample(
-                model, D.EDM(), jax.random.key(0), (2, 2), prediction="x0", solver=solver, steps=3
-            )
+            _, info = S.sample(model, None, D.EDM(), jax.random.key(0), (2, 2), prediction="x0",
+                               solver=solver, steps=3)
         assert len(calls) == info["nfe"], solver
 
 
@@ -462,15 +465,16 @@ def test_guidance_formulas():
 def test_cfg_batches_both_passes_and_scale_one_is_conditional():
     batches = []
 
-    def model(x, t, cond):
+    def model(params, x, t, cond):
         batches.append(x.shape[0])
-        return gaussian_x0(D.Flow())(x, t, cond) + 0.1 * cond["y"][:, None]
+        return gaussian_x0(D.Flow())(params, x, t, cond) + 0.1 * cond["y"][:, None]
 
     cond = {"y": jnp.arange(4.0)}
     kw = dict(prediction="x0", solver="euler", steps=4, cond=cond)
     with jax.disable_jit():
         one, info = S.sample(
             model,
+            None,
             D.Flow(),
             jax.random.key(0),
             (4, 2),
@@ -478,7 +482,7 @@ def test_cfg_batches_both_passes_and_scale_one_is_conditional():
             **kw,
         )
     assert batches == [8] * info["nfe"]  # conditional + unconditional in one call
-    plain, _ = S.sample(model, D.Flow(), jax.random.key(0), (4, 2), **kw)
+    plain, _ = S.sample(model, None, D.Flow(), jax.random.key(0), (4, 2), **kw)
     np.testing.assert_allclose(one, plain, atol=1e-6)
 
 
@@ -487,11 +491,11 @@ def test_generate_yields_uint8_batches_matching_sample():
     model = gaussian_x0(process, var=0.3)
     kw = dict(prediction="x0", solver="heun", steps=3)
     batches = list(
-        S.generate(model, process, jax.random.key(5), (4, 4, 3), num=10, batch_size=4, **kw)
+        S.generate(model, None, process, jax.random.key(5), (4, 4, 3), num=10, batch_size=4, **kw)
     )
     assert [b.shape for b in batches] == [(4, 4, 4, 3), (4, 4, 4, 3), (2, 4, 4, 3)]
     assert all(b.dtype == np.uint8 for b in batches)
-    whole, _ = S.sample(model, process, jax.random.key(5), (10, 4, 4, 3), **kw)
+    whole, _ = S.sample(model, None, process, jax.random.key(5), (10, 4, 4, 3), **kw)
     # Same samples up to float32 rounding, which can move a value across a
     # rounding boundary: at most 1 level.
     assert (
@@ -499,7 +503,7 @@ def test_generate_yields_uint8_batches_matching_sample():
         <= 1
     )
     with pytest.raises(InputError, match="H, W, C"):
-        next(S.generate(model, process, jax.random.key(5), (4, 3), num=2, batch_size=2, **kw))
+        next(S.generate(model, None, process, jax.random.key(5), (4, 3), num=2, batch_size=2, **kw))
 
 
 def test_to_uint8_rule():
@@ -510,15 +514,16 @@ def test_to_uint8_rule():
 def test_generate_passes_each_sample_its_condition():
     seen = []
 
-    def model(x, t, cond):
+    def model(params, x, t, cond):
         seen.append(cond["y"])
-        return gaussian_x0(D.Flow())(x, t, cond) + 0.0 * cond["y"][:, None, None, None]
+        return gaussian_x0(D.Flow())(params, x, t, cond) + 0.0 * cond["y"][:, None, None, None]
 
     labels = {"y": jnp.arange(5.0)}
     with jax.disable_jit():
         batches = list(
             S.generate(
                 model,
+                None,
                 D.Flow(),
                 jax.random.key(0),
                 (2, 2, 1),

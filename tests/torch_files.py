@@ -41,7 +41,7 @@ class Call:
 
 class _Storage:
     def __init__(self, key: str, array: np.ndarray) -> None:
-        self.key, self.array = key, np.ascontiguousarray(array)
+        self.key, self.array = key, np.ascontiguousarray(array).reshape(np.shape(array))
 
 
 class _Pickler(pickle._Pickler):  # the pure-Python pickler lets us emit raw globals

@@ -1,6 +1,6 @@
 """Input pipelines: image sources (folders, arrays, IDX, TFDS) and batch iterators."""
 
-from jaxgen.data.images import RESIZE_METHODS, center_crop_resize
+from jaxgen.data.images import RESIZE_METHODS, center_crop_resize, pad_images
 from jaxgen.data.pipeline import TrainIterator, global_positions, to_model_space
 from jaxgen.data.prefetch import Prefetcher
 from jaxgen.data.sources import (
@@ -32,5 +32,6 @@ __all__ = [
     "global_positions",
     "iterate_eval",
     "open_source",
+    "pad_images",
     "to_model_space",
 ]

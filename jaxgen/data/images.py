@@ -1,4 +1,4 @@
-"""Decoding image files to uint8 arrays, and the one center-crop/resize rule.
+"""Decoding image files to uint8 arrays, the one center-crop/resize rule and the one padding.
 
 Mode rule (what a decoded file becomes), the same for every folder source:
 
@@ -45,7 +45,7 @@ def check_resize_method(method: str) -> None:
         )
 
 
-def to_uint8(image: Image.Image, channels: int) -> np.ndarray:
+def pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
     """A decoded Pillow image as uint8 ``[H, W, channels]`` by the module's mode rule."""
     if image.mode.startswith("I"):
         a = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
@@ -85,3 +85,16 @@ def center_crop_resize(image: np.ndarray, resolution: int, method: str = "lanczo
     pil = Image.fromarray(square[:, :, 0] if c == 1 else square)
     out = np.asarray(pil.resize((resolution, resolution), RESIZE_METHODS[method]))
     return out.reshape(resolution, resolution, c)
+
+
+def pad_images(images: np.ndarray, side: int | None) -> np.ndarray:
+    """Zero-pad uint8 NHWC ``images`` symmetrically to ``side`` x ``side`` (``None``: as is).
+
+    The extra pixel of an odd margin goes to the bottom/right (e.g. 28 -> 32
+    pads 2 on each side).
+    """
+    if side is None:
+        return images
+    h, w = images.shape[1:3]
+    top, left = (side - h) // 2, (side - w) // 2
+    return np.pad(images, ((0, 0), (top, side - h - top), (left, side - w - left), (0, 0)))

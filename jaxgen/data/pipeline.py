@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxgen.data.images import center_crop_resize, check_resize_method
+from jaxgen.data.images import pad_images
 from jaxgen.data.prefetch import Prefetcher
 from jaxgen.data.sources import ImageSource
 from jaxgen.errors import InputError
@@ -81,8 +81,6 @@ class _Plan:
     process_index: int
     process_count: int
     flip: bool
-    resolution: int | None
-    resize_method: str
     pad_to: int | None
     with_labels: bool
     mesh: Mesh | None
@@ -107,19 +105,11 @@ class _Plan:
         return out
 
     def _transform(self, images: np.ndarray, flips: np.ndarray) -> np.ndarray:
-        r = self.resolution
-        if r is not None and images.shape[1:3] != (r, r):
-            images = np.stack([center_crop_resize(im, r, self.resize_method) for im in images])
         if self.flip and flips.any():
             if not images.flags.owndata or not images.flags.writeable:
                 images = images.copy()  # never write into a source's own memory
             images[flips] = images[flips][:, :, ::-1]
-        if self.pad_to is not None:
-            h, w = images.shape[1:3]
-            top, left = (self.pad_to - h) // 2, (self.pad_to - w) // 2
-            pad = ((0, 0), (top, self.pad_to - h - top), (left, self.pad_to - w - left), (0, 0))
-            images = np.pad(images, pad)
-        return images
+        return pad_images(images, self.pad_to)
 
 
 class TrainIterator(Iterator):
@@ -137,8 +127,6 @@ class TrainIterator(Iterator):
         *,
         seed: int,
         flip: bool = False,
-        resolution: int | None = None,
-        resize_method: str = "lanczos",
         pad_to: int | None = None,
         with_labels: bool = False,
         process_index: int | None = None,
@@ -150,14 +138,13 @@ class TrainIterator(Iterator):
         """Checks the arguments; the prefetch thread starts at the first ``next``.
 
         Args:
-          source: the training images.
+          source: the training images, already at their final size: resizing
+            happens in the source (``open_source(spec, resolution=...)``).
           batch_size: global batch size ``B``, summed over processes.
           seed: shuffling and flipping seed.
           flip: flip each image horizontally with probability 1/2.
-          resolution: center-crop and resize images to this square size.
-          resize_method: a key of :data:`jaxgen.data.images.RESIZE_METHODS`.
-          pad_to: zero-pad images symmetrically to this square size (after
-            resizing), e.g. 28 -> 32 for (Fashion-)MNIST.
+          pad_to: zero-pad images symmetrically to this square size, e.g.
+            28 -> 32 for (Fashion-)MNIST.
           with_labels: include ``label``; the source must have labels.
           process_index: this process (default ``jax.process_index()``).
           process_count: processes sharing the batch (default
@@ -174,7 +161,6 @@ class TrainIterator(Iterator):
         self.process_count = jax.process_count() if process_count is None else process_count
         self._prefetch = prefetch
         self._batches: Iterator | None = None
-        check_resize_method(resize_method)
         if batch_size < 1 or batch_size % self.process_count:
             raise InputError(
                 f"batch_size={batch_size} must be a positive multiple of the number of "
@@ -194,12 +180,16 @@ class TrainIterator(Iterator):
                 "pass labels_from_folders=True)."
             )
         shape = source.image_shape
-        if pad_to is not None and shape is not None:
-            side = resolution or max(shape[0], shape[1])
-            if pad_to < side:
+        if pad_to is not None:
+            if shape is None:
                 raise InputError(
-                    f"pad_to={pad_to} is smaller than the {side}-pixel images of {source.name}; "
-                    "use pad_to >= the image size, or resolution to shrink them."
+                    f"pad_to={pad_to}: the images of {source.name} differ in size; open the "
+                    "source with a resolution (data.resolution) so that they share one."
+                )
+            if pad_to < max(shape[0], shape[1]):
+                raise InputError(
+                    f"pad_to={pad_to} is smaller than the {max(shape[:2])}-pixel images of "
+                    f"{source.name}; use pad_to >= the image size, or a smaller resolution."
                 )
         self._plan = _Plan(
             source=source,
@@ -208,8 +198,6 @@ class TrainIterator(Iterator):
             process_index=self.process_index,
             process_count=self.process_count,
             flip=flip,
-            resolution=resolution,
-            resize_method=resize_method,
             pad_to=pad_to,
             with_labels=with_labels,
             mesh=mesh,

@@ -13,6 +13,8 @@
 - ``tfds:NAME[:SPLIT]`` (``NAME`` may carry ``/config`` and ``:x.y.z``),
   read through ``tfds`` random-access data sources (array_record), images
   decoded by jaxgen like files;
+- ``gs://...`` (through :mod:`jaxgen.files`): an ``.npz`` or ``.npy`` as above,
+  read whole into memory;
 - ``fashion_mnist[:SPLIT]`` and ``tfds:fashion_mnist[:SPLIT]``: Debian's
   ``dataset-fashion-mnist`` copy at :data:`FASHION_MNIST_DIR` when present,
   TFDS otherwise; the source's ``name`` says which.
@@ -41,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from jaxgen.data.images import (
@@ -48,10 +51,11 @@ from jaxgen.data.images import (
     IMAGE_EXTENSIONS,
     center_crop_resize,
     check_resize_method,
-    to_uint8,
+    pil_to_array,
 )
 from jaxgen.data.prefetch import Prefetcher
 from jaxgen.errors import InputError
+from jaxgen.files import as_path, is_local
 
 # Debian's `dataset-fashion-mnist` package; a module variable so tests can point elsewhere.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -136,8 +140,8 @@ def _stack(
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise InputError(
-            f"{name}: images have different sizes {sorted(shapes)[:3]}; pass resolution=N "
-            "(--resolution N) to center-crop and resize them to NxN."
+            f"{name}: images have different sizes {sorted(shapes)[:3]}; give a resolution "
+            "(data.resolution in a training config) to center-crop and resize them to NxN."
         )
     if not images:
         return np.zeros((0, *empty_shape), np.uint8)
@@ -263,7 +267,7 @@ def _decode(
     """Decode an image file (path or encoded bytes) by the mode rule, then crop/resize it."""
     try:
         with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
-            image = to_uint8(im, channels)
+            image = pil_to_array(im, channels)
     except Exception as e:  # as in _probe
         raise InputError(f"{name}: cannot decode image ({type(e).__name__}: {e}); {fix}.") from e
     return image if resolution is None else center_crop_resize(image, resolution, method)
@@ -311,7 +315,7 @@ class FolderSource(ImageSource):
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
             raise InputError(
                 f"{root}: {len(bad)} unreadable image file(s): {listed}{more}; remove them or "
-                "pass skip_corrupt=True (--skip-corrupt) to skip them."
+                "pass skip_corrupt=True to open_source to skip them."
             )
         if bad:
             warnings.warn(
@@ -330,8 +334,9 @@ class FolderSource(ImageSource):
             p1, (s1, _) = next((p, r) for p, r in good if r[0] != s0)
             raise InputError(
                 f"{root}: images differ in size ({p0.name} is {s0[0]}x{s0[1]}, {p1.name} is "
-                f"{s1[0]}x{s1[1]}); pass resolution=N (--resolution N) to center-crop and "
-                "resize them to NxN."
+                f"{s1[0]}x{s1[1]}); resize them to one size, or pass resolution=N to "
+                "open_source (data.resolution in a training config) to center-crop and resize "
+                "them to NxN."
             )
         w, h = next(iter(sizes))
         r = resolution
@@ -536,9 +541,9 @@ def _open_idx(path: Path, name: str, resolution: int | None, method: str) -> Arr
     return ArraySource(images, name, labels, resolution, method)
 
 
-def _open_npz(path: Path, resolution: int | None, method: str) -> ArraySource:
+def _open_npz(path: Path | epath.Path, resolution: int | None, method: str) -> ArraySource:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with path.open("rb") as raw, np.load(raw, allow_pickle=False) as z:
             keys = z.files
             if "arr_0" not in keys:
                 if {"mu", "sigma"} <= set(keys):
@@ -562,9 +567,12 @@ def _open_npz(path: Path, resolution: int | None, method: str) -> ArraySource:
     return ArraySource(images, str(path), labels, resolution, method)
 
 
-def _open_npy(path: Path, resolution: int | None, method: str) -> ArraySource:
+def _open_npy(path: Path | epath.Path, resolution: int | None, method: str) -> ArraySource:
     try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
+        if is_local(path):
+            images = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:  # a bucket has no memory map
+            images = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise InputError(
             f"{path}: not a readable .npy ({type(e).__name__}: {e}); the file is corrupt or "
@@ -633,6 +641,19 @@ def _open_tfds(
     return TfdsSource(builder, split, f"{spec} (TFDS at {where})", resolution, method)
 
 
+def _open_in_bucket(spec: str, resolution: int | None, method: str) -> ArraySource:
+    path = as_path(spec)
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".npy"):
+        raise InputError(
+            f"{spec}: in a bucket, only .npz and .npy files are read; copy image folders and "
+            "IDX files to a local disk, or pack the images as an .npz (arr_0)."
+        )
+    if not path.is_file():
+        raise InputError(f"{spec}: no such file.")
+    return (_open_npz if suffix == ".npz" else _open_npy)(path, resolution, method)
+
+
 def open_source(
     spec: str,
     *,
@@ -646,8 +667,8 @@ def open_source(
     """Open the images named by ``spec`` (see the module docstring for the forms).
 
     Args:
-      spec: a folder, ``.npz``, ``.npy`` or IDX path, ``tfds:NAME[:SPLIT]`` or
-        ``fashion_mnist[:SPLIT]``.
+      spec: a folder, ``.npz``, ``.npy`` or IDX path, ``gs://...`` ``.npz`` or ``.npy``,
+        ``tfds:NAME[:SPLIT]`` or ``fashion_mnist[:SPLIT]``.
       labels_from_folders: for folders, label images by top-level subfolder.
       skip_corrupt: for folders, decode every file up front and skip bad ones
         with a warning instead of failing.
@@ -677,6 +698,8 @@ def open_source(
         return _open_tfds(name, split, tfds_data_dir, tfds_download, resolution, resize_method)
     if spec.startswith("tfds:"):
         raise InputError(f"{spec}: expected tfds:NAME[:SPLIT], e.g. tfds:cifar10:test.")
+    if not is_local(spec):
+        return _open_in_bucket(spec, resolution, resize_method)
     path = Path(spec).expanduser()
     if (m := _FASHION_SPEC.match(spec)) and not path.exists():
         split = m["split"] or "train"

@@ -31,6 +31,7 @@ from jaxgen.diffusion.predictions import (
     to_x0_eps,
 )
 from jaxgen.diffusion.processes import EDM, VP, Flow, Process
+from jaxgen.diffusion.scm import TrigFlow
 
 __all__ = [
     "DISTANCES",
@@ -42,6 +43,7 @@ __all__ = [
     "Flow",
     "GaussianMixture",
     "Process",
+    "TrigFlow",
     "convert",
     "discrete_time",
     "drop_labels",

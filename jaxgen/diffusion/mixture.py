@@ -55,7 +55,8 @@ class GaussianMixture:
         return jnp.asarray(self.means)[comp] + jnp.einsum("nij,nj->ni", chol, z)
 
     def denoiser(self, process):
-        """``model_fn(x_t, t, cond) -> E[x0 | x_t]`` (an ``x0`` prediction) under ``process``.
+        """``model_fn(params, x_t, t, cond) -> E[x0 | x_t]`` (an ``x0`` prediction) under
+        ``process``: the model contract, with no weights (``params`` is ignored; pass ``None``).
 
         ``x_t`` may have any shape ``[B, ...]`` with ``d`` elements per example.
         """
@@ -64,7 +65,8 @@ class GaussianMixture:
         e, u = np.linalg.eigh(self.covs)  # [K, d], [K, d, d]
         log_w = np.log(self.weights)
 
-        def model_fn(x, t, cond=None):
+        def model_fn(params, x, t, cond=None):
+            del params  # exact: nothing learned
             dtype = x.dtype
             flat = x.reshape(x.shape[0], -1)  # [B, d]
             t = jnp.broadcast_to(jnp.asarray(t, dtype), (x.shape[0],))

@@ -1,5 +1,6 @@
 """Evaluation: Inception-v3 features (TF-FID graph), statistics and metrics."""
 
+from jaxgen.metrics.cmmd import cmmd
 from jaxgen.metrics.evaluate import METRICS, evaluate, score_features
 from jaxgen.metrics.features import FeatureExtractor, extract_features
 from jaxgen.metrics.fid import frechet_distance
@@ -19,6 +20,7 @@ __all__ = [
     "GaussianStats",
     "InceptionV3",
     "MomentAccumulator",
+    "cmmd",
     "density_coverage",
     "evaluate",
     "extract_features",

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from jaxgen.data import ArraySource, FirstN, ImageSource, eval_part, iterate_eval, open_source
 from jaxgen.errors import InputError
+from jaxgen.files import as_path, is_local
 from jaxgen.metrics.features import FeatureExtractor, default_batch_size
 from jaxgen.metrics.fid import frechet_distance
 from jaxgen.metrics.fid_infinity import fid_infinity, is_infinity
@@ -78,7 +78,7 @@ def _open_side(x, name: str) -> Side:
     if isinstance(x, np.ndarray):
         return Side(name, source=ArraySource(x, name))
     spec = os.fspath(x)
-    path = Path(spec).expanduser()
+    path = as_path(os.path.expanduser(spec) if is_local(spec) else spec)
     if path.suffix.lower() == ".npz" and path.is_file():
         keys = read_npz(path)
         if "mu" in keys and "sigma" in keys:
@@ -256,6 +256,12 @@ def evaluate(
     if {"is", "is_inf", "fid_inf"} & set(metrics) and sides["fake"].source is None:
         raise InputError(
             f"{sides['fake'].name}: IS, IS-inf and FID-inf need the fake images, not statistics."
+        )
+    if {"is_inf", "fid_inf"} & set(metrics) and len(sides["fake"].source) <= inf_min_n:
+        raise InputError(  # before the feature pass, which would find it out at its end
+            f"{sides['fake'].name}: FID-inf/IS-inf fit scores at N from inf_min_n={inf_min_n} "
+            f"(--inf-min-n) to the {len(sides['fake'].source)} fake images; lower it below "
+            f"{len(sides['fake'].source)} or generate more (the reference: 50000 from 5000)."
         )
     if inception is None:
         from jaxgen.metrics.weights import load_inception

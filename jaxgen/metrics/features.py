@@ -9,6 +9,7 @@ JAX processes each process feeds and receives its own rows.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -41,6 +42,9 @@ class FeatureExtractor:
       batch_size: images per step across all processes (rounded up to a
         multiple of the device count); default :func:`default_batch_size`.
       mesh: device mesh; default all devices.
+      forward: ``forward(module, variables, uint8 images) -> dict`` run per step;
+        default :func:`inception_forward` (another network, e.g. DINOv2, with its
+        own preprocessing, goes through the same batching).
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class FeatureExtractor:
         *,
         batch_size: int | None = None,
         mesh: Mesh | None = None,
+        forward: Callable[..., dict] | None = None,
     ) -> None:
         self.mesh = mesh if mesh is not None else make_mesh()
         if batch_size is None:
@@ -63,7 +68,7 @@ class FeatureExtractor:
         self._data = batch_sharding(self.mesh)
         self._variables = jax.device_put(variables, replicated(self.mesh))
         self._last_shape: tuple[int, ...] | None = None
-        self._fn = _forward(module, self.mesh)
+        self._fn = _forward(module, self.mesh, forward or inception_forward)
 
     def __call__(self, images: np.ndarray, where: str = "images") -> dict[str, np.ndarray]:
         """Features of this process's images, any count (split into steps as needed)."""
@@ -96,11 +101,16 @@ class FeatureExtractor:
         jax.block_until_ready(self._fn(self._variables, x))
 
 
+def inception_forward(module: InceptionV3, variables: dict, images: jax.Array) -> dict:
+    """The TF-FID resize + Inception: ``pool3``, ``spatial`` (and ``logits``)."""
+    return module.apply(variables, preprocess(images))
+
+
 @functools.cache
-def _forward(module: InceptionV3, mesh: Mesh):
-    """The jitted resize + network, one per (module, mesh), so extractors share compilations."""
+def _forward(module, mesh: Mesh, forward: Callable[..., dict]):
+    """The jitted forward, one per (module, mesh, forward), so extractors share compilations."""
     return jax.jit(
-        lambda v, x: module.apply(v, preprocess(x)),
+        lambda v, x: forward(module, v, x),
         in_shardings=(replicated(mesh), batch_sharding(mesh)),
         out_shardings=batch_sharding(mesh),
     )

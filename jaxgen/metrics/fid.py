@@ -76,8 +76,14 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     """Fréchet distance between the Gaussians ``a`` and ``b`` (float64).
 
     Raises:
-      InputError: when the two statistics have different dimensions.
+      InputError: when the two statistics have different dimensions, or either ``sigma``
+        is not a covariance (:meth:`GaussianStats.check`).
     """
+    for name, stats in (("first", a), ("second", b)):
+        try:
+            stats.check()
+        except InputError as e:
+            raise InputError(f"frechet_distance: the {name} statistics' {e}") from None
     if a.dim != b.dim:
         raise InputError(
             f"statistics have different dimensions ({a.dim} vs {b.dim}); compute both with "

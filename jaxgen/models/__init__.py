@@ -12,7 +12,10 @@ from typing import Any
 import flax.linen as nn
 
 from jaxgen.errors import InputError
+from jaxgen.models.autoencoder import VAE_PRESETS, AutoencoderKL, sample_latent, vae
+from jaxgen.models.checkpoints import export_weights, load_weights
 from jaxgen.models.dit import DIT_PATCHES, DIT_SIZES, DiT, DiTBlock, dit
+from jaxgen.models.edm2 import EDM2, EDM2_PRESETS, edm2, force_normalize
 from jaxgen.models.layers import (
     LOGICAL_AXIS_RULES,
     Attention,
@@ -32,6 +35,8 @@ from jaxgen.models.unet import UNET_PRESETS, AttnBlock, ResBlock, UNet, unet
 MODEL_NAMES: tuple[str, ...] = (
     *(f"DiT-{s}/{p}" for s in DIT_SIZES for p in DIT_PATCHES),
     *(f"unet-{name}" for name in UNET_PRESETS),
+    *(f"edm2-{name}" for name in EDM2_PRESETS),
+    *(f"vae-{name}" for name in VAE_PRESETS),
 )
 """Every name :func:`create_model` accepts."""
 
@@ -40,6 +45,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     """A model by name: ``"DiT-S/2"`` ... ``"DiT-XL/8"``, or ``"unet-"`` + a U-Net preset.
 
     U-Net presets: ``"unet-ddpm-cifar10"``, ``"unet-adm-imagenet64"``, ``"unet-small"``.
+    Autoencoders (:class:`AutoencoderKL`): ``"vae-sd"``, ``"vae-sdxl"``.
 
     Keyword arguments override the preset's fields (e.g. ``num_classes=10``,
     ``dtype=jnp.bfloat16``).
@@ -51,17 +57,25 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         raise InputError(f"unknown model {name!r}; expected one of {list(MODEL_NAMES)}.")
     if name.startswith("DiT-"):
         return dit(name, **overrides)
+    if name.startswith("edm2-"):
+        return edm2(name.removeprefix("edm2-"), **overrides)
+    if name.startswith("vae-"):
+        return vae(name.removeprefix("vae-"), **overrides)
     return unet(name.removeprefix("unet-"), **overrides)
 
 
 __all__ = [
     "DIT_PATCHES",
     "DIT_SIZES",
+    "EDM2",
+    "EDM2_PRESETS",
     "LOGICAL_AXIS_RULES",
     "MODEL_NAMES",
     "UNET_PRESETS",
+    "VAE_PRESETS",
     "Attention",
     "AttnBlock",
+    "AutoencoderKL",
     "DiT",
     "DiTBlock",
     "LabelEmbedder",
@@ -73,10 +87,16 @@ __all__ = [
     "count_params",
     "create_model",
     "dit",
+    "edm2",
+    "export_weights",
+    "force_normalize",
     "forward_flops",
+    "load_weights",
     "param_shardings",
     "param_table",
+    "sample_latent",
     "sincos_pos_embed_2d",
     "sinusoidal_embedding",
     "unet",
+    "vae",
 ]

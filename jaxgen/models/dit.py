@@ -20,9 +20,11 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxgen.errors import InputError
@@ -50,6 +52,9 @@ DIT_SIZES: dict[str, dict[str, int]] = {
 """The paper's Table 1: hidden size, depth and heads of each named size."""
 
 DIT_PATCHES = (2, 4, 8)
+
+SCAN_AXIS = "layers"
+"""Logical name of the stacked-block axis of ``scan_blocks=True`` (no mesh axis: replicated)."""
 
 _PATCH_INIT = nn.initializers.variance_scaling(
     1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
@@ -105,8 +110,20 @@ class DiT(nn.Module):
         interpolation ``v``) instead of ``C``.
       out_channels: output channels before ``learn_sigma`` doubling; default:
         the input's.
-      dtype: compute dtype.
+      dtype: compute dtype (``jnp.bfloat16`` for mixed precision: parameters
+        stay in ``param_dtype``, normalisation statistics and the output in
+        float32).
       param_dtype: parameter dtype.
+      remat: recompute each block's activations in the backward pass
+        (``nn.remat``) instead of storing them: activation memory of one block
+        instead of ``depth``, for about one more forward pass of compute. The
+        parameter tree and the outputs are those of the plain model.
+      scan_blocks: run the blocks as one ``nn.scan`` over a stacked block, so
+        XLA compiles one block instead of ``depth``. The parameters then live
+        under ``"blocks"`` with a leading ``depth`` axis (logical axis name
+        ``"layers"``, replicated) instead of ``"block0"`` ... ``"block{depth-1}"``;
+        :func:`stack_blocks` and :func:`unstack_blocks` convert between the two
+        layouts (the outputs are the same for converted parameters).
     """
 
     patch: int = 2
@@ -120,6 +137,8 @@ class DiT(nn.Module):
     out_channels: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: Array, t: Array, cond: Cond = None, *, train: bool = False) -> Array:
@@ -161,8 +180,7 @@ class DiT(nn.Module):
             c = c + LabelEmbedder(self.num_classes, self.hidden, self.class_dropout,
                                   name="y_embedder", **kw)(label, train)
 
-        for i in range(self.depth):
-            h = DiTBlock(self.num_heads, self.mlp_ratio, name=f"block{i}", **kw)(h, c)
+        h = self._blocks(h, c)
 
         shift, scale = jnp.split(
             dense(2 * self.hidden, ("embed", "mlp"), kernel_init=zeros, name="final_adaLN", **kw)(
@@ -176,6 +194,78 @@ class DiT(nn.Module):
         # Unpatchify: token (i, j) holds the p x p x C' patch at rows i*p.., columns j*p...
         h = h.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
         return h.reshape(b, height, width, out_ch).astype(jnp.float32)
+
+    def _blocks(self, h: Array, c: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # Inside a scan the loop already keeps XLA from merging the recomputation
+        # with the forward pass, so remat's own CSE barrier is not needed there.
+        block = nn.remat(DiTBlock, prevent_cse=not self.scan_blocks) if self.remat else DiTBlock
+        if not self.scan_blocks:
+            for i in range(self.depth):
+                h = block(self.num_heads, self.mlp_ratio, name=f"block{i}", **kw)(h, c)
+            return h
+        scan = nn.scan(
+            lambda module, carry, c: (module(carry, c), None),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=self.depth,
+            metadata_params={nn.PARTITION_NAME: SCAN_AXIS},
+        )
+        h, _ = scan(block(self.num_heads, self.mlp_ratio, name="blocks", **kw), h, c)
+        return h
+
+
+def stack_blocks(params: Mapping[str, Any], depth: int) -> dict[str, Any]:
+    """Per-block DiT parameters (``block0`` ...) → the stacked layout of ``scan_blocks=True``.
+
+    Args:
+      params: ``variables["params"]`` of a ``DiT`` with ``scan_blocks=False``
+        (unboxed arrays, e.g. after ``nn.unbox`` or loaded from a checkpoint).
+      depth: number of blocks.
+
+    Returns:
+      The same parameters with ``block0`` ... ``block{depth-1}`` replaced by one
+      ``blocks`` subtree whose leaves carry a leading ``depth`` axis.
+
+    Raises:
+      InputError: a block is missing or the blocks differ in structure.
+    """
+    names = [f"block{i}" for i in range(depth)]
+    missing = [n for n in names if n not in params]
+    if missing or "blocks" in params:
+        raise InputError(
+            f"stack_blocks needs per-block DiT parameters block0..block{depth - 1}; "
+            f"missing {missing}{' and found stacked blocks' if 'blocks' in params else ''}. "
+            "Pass the params of a DiT built with scan_blocks=False and its depth."
+        )
+    out = {k: v for k, v in params.items() if k not in names}
+    try:
+        out["blocks"] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(params[n] for n in names))
+    except ValueError as e:
+        raise InputError(f"stack_blocks: the DiT blocks differ in structure ({e}).") from e
+    return out
+
+
+def unstack_blocks(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The stacked layout of ``scan_blocks=True`` → per-block parameters ``block0`` ....
+
+    The inverse of :func:`stack_blocks`; the depth is the leading axis of the
+    stacked leaves.
+
+    Raises:
+      InputError: ``params`` has no ``blocks`` subtree.
+    """
+    if "blocks" not in params:
+        raise InputError(
+            "unstack_blocks needs the params of a DiT built with scan_blocks=True "
+            f"(a 'blocks' subtree); got top-level keys {sorted(params)}."
+        )
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    depth = jax.tree.leaves(params["blocks"])[0].shape[0]
+    for i in range(depth):
+        out[f"block{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], params["blocks"])
+    return out
 
 
 def dit(name: str, **overrides: Any) -> DiT:

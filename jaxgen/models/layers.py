@@ -37,7 +37,7 @@ from jaxgen.errors import InputError
 Dtype = Any
 Array = jax.Array
 Cond = Mapping[str, Array] | None
-ModelFn = Callable[[Array, Array, Cond], Array]
+ModelFn = Callable[[Any, Array, Array, Cond], Array]  # model_fn(params, x_t, t, cond)
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str], ...] = (
     ("embed", "fsdp"),
@@ -108,11 +108,18 @@ def conv(
     )
 
 
-def group_norm(num_groups: int, *, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
-    """GroupNorm (eps 1e-5 as in DDPM/ADM) with affine parameters named ``norm``."""
+def group_norm(
+    num_groups: int,
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str | None = None,
+    epsilon: float = 1e-5,
+):
+    """GroupNorm (eps 1e-5 as in ADM; the LDM autoencoder uses 1e-6) with affine params ``norm``."""
     return nn.GroupNorm(
         num_groups=num_groups,
-        epsilon=1e-5,
+        epsilon=epsilon,
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
@@ -294,31 +301,34 @@ def check_inputs(x: Array, t: Array) -> Array:
 
 def as_model_fn(
     module: nn.Module,
-    variables: Any,
     *,
     train: bool = False,
     rngs: Mapping[str, Array] | None = None,
 ) -> ModelFn:
-    """Bind a jaxgen model to its variables as ``model_fn(x_t, t, cond) -> prediction``.
+    """A jaxgen model as ``model_fn(params, x_t, t, cond) -> prediction``.
 
-    ``module.apply(variables, x_t, t, cond, train=train, rngs=rngs)`` already
-    has the contract's shape; this closes over the variables and, for a model
-    with a learned variance (``learn_sigma=True``), keeps only the prediction
-    channels (the first ``C`` of ``2C``), which is what samplers expect.
+    ``module.apply({"params": params}, x_t, t, cond, train=train, rngs=rngs)``,
+    keeping, for a model with a learned variance (``learn_sigma=True``), only
+    the prediction channels (the first ``C`` of ``2C``), which is what losses
+    and samplers expect. The weights stay an argument: under ``jit`` they are
+    traced, never baked into the program, so one compilation serves every
+    checkpoint. Build the function once and reuse it (compiled samplers are
+    cached on its identity).
 
     Args:
-      module: a :class:`~jaxgen.models.DiT` or :class:`~jaxgen.models.UNet`.
-      variables: ``{"params": ...}`` as returned by ``module.init``.
+      module: a :class:`~jaxgen.models.DiT`, :class:`~jaxgen.models.UNet`, or
+        any module with that call signature.
       train: training mode (dropout, label dropout); needs ``rngs={"dropout": key}``.
       rngs: RNG streams for training mode.
 
     Returns:
-      A function of ``(x_t [B,H,W,C] float, t [B] float, cond dict or None)``.
+      ``model_fn(params, x_t [B,H,W,C] float, t [B] float, cond dict or None)``.
     """
+    learn_sigma = getattr(module, "learn_sigma", False)
 
-    def model_fn(x_t: Array, t: Array, cond: Cond = None) -> Array:
-        out = module.apply(variables, x_t, t, cond, train=train, rngs=rngs)
-        return out[..., : x_t.shape[-1]] if getattr(module, "learn_sigma", False) else out
+    def model_fn(params: Any, x_t: Array, t: Array, cond: Cond = None) -> Array:
+        out = module.apply({"params": params}, x_t, t, cond, train=train, rngs=rngs)
+        return out[..., : x_t.shape[-1]] if learn_sigma else out
 
     return model_fn
 

@@ -1,5 +1,6 @@
 """Sampling: solvers as small pure functions, time grids, guidance, one jitted driver."""
 
+from jaxgen.sampling.consistency import consistency_sample
 from jaxgen.sampling.driver import SOLVERS, SolverSpec, generate, sample, to_uint8
 from jaxgen.sampling.grids import (
     GRIDS,
@@ -18,7 +19,9 @@ from jaxgen.sampling.solvers import (
     dpmpp_2m,
     dpmpp_3m,
     euler_maruyama,
+    restart,
     runge_kutta,
+    sa_solver,
     step_noise,
     unipc,
 )
@@ -29,6 +32,7 @@ __all__ = [
     "TABLEAUS",
     "Guidance",
     "SolverSpec",
+    "consistency_sample",
     "ddim",
     "dpmpp_2m",
     "dpmpp_3m",
@@ -39,7 +43,9 @@ __all__ = [
     "logsnr",
     "make_denoiser",
     "make_grid",
+    "restart",
     "runge_kutta",
+    "sa_solver",
     "sample",
     "shifted",
     "step_noise",

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from jaxgen.diffusion.predictions import check_prediction
 from jaxgen.errors import InputError
-from jaxgen.parallel import batch_sharding, to_host
+from jaxgen.parallel import batch_sharding, pad_batch, to_host
 from jaxgen.sampling import solvers
 from jaxgen.sampling.grids import make_grid
 from jaxgen.sampling.guidance import Guidance, make_denoiser
@@ -53,6 +53,13 @@ SOLVERS = {
     "unipc_bh1": SolverSpec(solvers.unipc, (("variant", "bh1"),)),
     "unipc_bh2": SolverSpec(solvers.unipc, (("variant", "bh2"),)),
     "euler_maruyama": SolverSpec(solvers.euler_maruyama),
+    # k-diffusion's stochastic samplers; eta is a default here, not fixed.
+    "euler_ancestral": SolverSpec(functools.partial(solvers.ddim, eta=1.0)),
+    "dpmpp_2m_sde": SolverSpec(functools.partial(solvers.dpmpp_2m, eta=1.0)),
+    "dpmpp_3m_sde": SolverSpec(functools.partial(solvers.dpmpp_3m, eta=1.0)),
+    # Restart steps come out of the grid's budget: the cost of `steps` Heun steps.
+    "restart": SolverSpec(solvers.restart, (), 2, 1),
+    "sa_solver": SolverSpec(solvers.sa_solver),
 }
 
 
@@ -71,7 +78,7 @@ class _Config:
     mesh: Mesh | None
 
 
-def _run(config: _Config, key, first_index, ts, x_T, cond, uncond, gparams, params=None):
+def _run(config: _Config, params, key, first_index, ts, x_T, cond, uncond, gparams, guide_params):
     b = config.shape[0]
     ids = first_index + jnp.arange(b)
     per_sample = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
@@ -86,10 +93,11 @@ def _run(config: _Config, key, first_index, ts, x_T, cond, uncond, gparams, para
         cond = jax.tree.map(shard, cond)
     guidance = None
     if config.guided:
-        guidance = Guidance.from_dynamic(gparams, uncond, config.guide_fn)
-    model_fn = config.model_fn
-    if params is not None:  # traced: the weights stay an argument of the compiled program
-        model_fn = functools.partial(config.model_fn, params)
+        guide_fn = None if config.guide_fn is None else functools.partial(config.guide_fn,
+                                                                          guide_params)
+        guidance = Guidance.from_dynamic(gparams, uncond, guide_fn)
+    # Weights are traced arguments: bound here, inside the trace, never baked in as constants.
+    model_fn = functools.partial(config.model_fn, params)
     denoise = make_denoiser(model_fn, config.process, config.prediction, cond, guidance)
     spec = SOLVERS[config.solver]
     options = dict(spec.fixed) | dict(config.options)
@@ -144,19 +152,9 @@ def _plan(process, grid, steps: int, prediction: str, solver: str, options: tupl
 _plan_named = functools.lru_cache(maxsize=256)(_plan)
 
 
-def _pad_rows(tree, rows: int):
-    """Repeat row 0 of every leaf up to ``rows`` rows (extra samples are discarded)."""
-
-    def pad(a):
-        a = jnp.asarray(a)
-        extra = rows - a.shape[0]
-        return a if extra == 0 else jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)])
-
-    return jax.tree.map(pad, tree)
-
-
 def sample(
     model_fn: Callable,
+    params: Any,
     process,
     key: jax.Array,
     shape: tuple[int, ...],
@@ -171,7 +169,6 @@ def sample(
     mesh: Mesh | None = None,
     solver_options: dict | None = None,
     first_index: int = 0,
-    params: Any = None,
 ) -> tuple[jax.Array, dict]:
     """Draw samples by solving the reverse process from ``t_max`` to 0.
 
@@ -180,8 +177,10 @@ def sample(
     result does not depend on the batch size or the number of devices.
 
     Args:
-      model_fn: ``model_fn(x_t, t, cond) -> prediction``, ``t`` of shape ``[B]``;
-        ``model_fn(params, x_t, t, cond)`` when ``params`` is given.
+      model_fn: ``model_fn(params, x_t, t, cond) -> prediction``, ``t`` of shape ``[B]``.
+        Compiled programs are cached on its identity: build it once, not per call.
+      params: the weights, a traced argument of the compiled program (a new
+        checkpoint or EMA never recompiles); any pytree, ``None`` for none.
       process: the noise process the model was trained with.
       key: PRNG key (the seed of the run).
       shape: ``(B, ...)`` of the samples.
@@ -222,8 +221,8 @@ def sample(
     devices = mesh.size if mesh is not None else 1
     rows = math.ceil(batch / devices) * devices
     if rows != batch:
-        x_T = None if x_T is None else _pad_rows(x_T, rows)
-        cond = None if cond is None else _pad_rows(cond, rows)
+        x_T = None if x_T is None else pad_batch(jnp.asarray(x_T), devices)[0]
+        cond = None if cond is None else pad_batch(jax.tree.map(jnp.asarray, cond), devices)[0]
     config = _Config(
         model_fn,
         process,
@@ -237,8 +236,10 @@ def sample(
     )
     gparams = Guidance(1.0).dynamic() if guidance is None else guidance.dynamic()
     uncond = None if guidance is None else guidance.uncond
+    guide_params = None if guidance is None else guidance.guide_params
     ts_in = ts.astype(jnp.result_type(float))  # float32 unless x64 is enabled
-    x = _run_jit(config, key, first_index, ts_in, x_T, cond, uncond, gparams, params)
+    x = _run_jit(config, params, key, first_index, ts_in, x_T, cond, uncond, gparams,
+                 guide_params)
     nfe = spec.evals_per_step * int(steps) - (spec.free_final if clean_end else 0)
     return (x if rows == batch else x[:batch]), {"nfe": nfe, "timesteps": ts.copy()}
 
@@ -253,6 +254,7 @@ _to_uint8_jit = jax.jit(to_uint8)
 
 def generate(
     model_fn: Callable,
+    params: Any,
     process,
     key: jax.Array,
     sample_shape: tuple[int, int, int],
@@ -270,7 +272,7 @@ def generate(
     held.
 
     Args:
-      model_fn, process, key: as for :func:`sample`.
+      model_fn, params, process, key: as for :func:`sample`.
       sample_shape: ``(H, W, C)``.
       num: total number of samples.
       batch_size: samples per device call (the last batch is computed at full
@@ -294,6 +296,7 @@ def generate(
             c = None
         x, _ = sample(
             model_fn,
+            params,
             process,
             key,
             (batch_size, *sample_shape),

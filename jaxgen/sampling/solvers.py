@@ -17,6 +17,7 @@ the driver (:mod:`jaxgen.sampling.driver`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -37,13 +38,17 @@ def _lam(process, t):
     return 0.5 * process.logsnr(t)
 
 
-def ddim(denoise, x, ts, keys, process, *, eta: float = 0.0):
+def ddim(denoise, x, ts, keys, process, *, eta: float = 0.0, s_noise: float = 1.0):
     """DDIM (Song et al. 2021, Eq. 12 with sigma_t(eta) of Eq. 16); ``eta = 1`` is DDPM.
 
     With ``eta = 1`` the step samples the posterior ``q(x_s | x_t, x0)`` of Ho et
     al. (2020, Eqs. 6-7), i.e. ancestral sampling with variance beta~_t; the
     variance is written for any ``(alpha, sigma)``:
     ``eta^2 (sigma_s / sigma_t)^2 (sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2)``.
+    This is k-diffusion's ``sample_euler_ancestral`` with the same ``eta``: its
+    ``sigma_up = min(sigma_s, eta sigma_s sqrt(1 - sigma_s^2 / sigma_t^2))`` is this
+    standard deviation in ``x / alpha``, and its Euler step to ``sigma_down`` lands
+    on ``alpha_s x0 + sqrt(sigma_s^2 - var) eps``. ``s_noise`` scales the fresh noise.
     """
 
     alpha, sigma = process.alpha(ts), process.sigma(ts)  # once, not per step
@@ -55,7 +60,7 @@ def ddim(denoise, x, ts, keys, process, *, eta: float = 0.0):
             return a1 * x0 + s1 * eps, None
         var = eta**2 * (s1 / s) ** 2 * (s**2 - (a / a1 * s1) ** 2)
         var = jnp.clip(var, 0.0, s1**2)
-        z = step_noise(keys, i, x)
+        z = s_noise * step_noise(keys, i, x)
         return a1 * x0 + jnp.sqrt(s1**2 - var) * eps + jnp.sqrt(var) * z, None
 
     return lax.scan(step, x, jnp.arange(len(ts) - 1))[0]
@@ -72,6 +77,15 @@ TABLEAUS = {
         (0.0, 0.5, 0.5, 1.0),
     ),
 }
+
+
+def _velocity(denoise, process, x, t):
+    """The probability-flow ODE's ``dx/dt = alpha' x0 + sigma' eps``."""
+    x0, eps = denoise(x, t)
+    d_alpha, d_sigma = process.d_alpha(t), process.d_sigma(t)
+    # At sigma = 0, eps = 0 and sigma' may be infinite (VP: sigma ~ sqrt(t)).
+    clean = jnp.where(jnp.isfinite(d_alpha), d_alpha, 0.0) * x0
+    return jnp.where(process.sigma(t) > 0, d_alpha * x0 + d_sigma * eps, clean)
 
 
 def runge_kutta(
@@ -100,13 +114,7 @@ def runge_kutta(
     """
     a_mat, b, c = TABLEAUS[tableau]
     n = len(ts) - 1
-
-    def velocity(x, t):
-        x0, eps = denoise(x, t)
-        d_alpha, d_sigma = process.d_alpha(t), process.d_sigma(t)
-        # At sigma = 0, eps = 0 and sigma' may be infinite (VP: sigma ~ sqrt(t)).
-        clean = jnp.where(jnp.isfinite(d_alpha), d_alpha, 0.0) * x0
-        return jnp.where(process.sigma(t) > 0, d_alpha * x0 + d_sigma * eps, clean)
+    velocity = functools.partial(_velocity, denoise, process)
 
     def churn(x, t, i):
         lam = process.logsnr(t)
@@ -166,37 +174,139 @@ def euler_maruyama(denoise, x, ts, keys, process, *, diffusion: str = "sigma", s
     return lax.scan(step, x, jnp.arange(n))[0]
 
 
-def dpmpp_2m(denoise, x, ts, keys, process):
-    """DPM-Solver++(2M), Lu et al. (2022b), Algorithm 2 (multistep, data prediction).
+def restart(
+    denoise,
+    x,
+    ts,
+    keys,
+    process,
+    *,
+    restart_times: int = 1,
+    restart_steps: int | None = None,
+    restart_min: float = 0.1,
+    restart_max: float = 2.0,
+    s_noise: float = 1.0,
+):
+    """Restart sampling (Xu et al. 2023, Algorithm 1) with Heun steps in the process's time.
 
-    ``x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D`` with
-    ``D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev``, ``r = h_prev / h``; first order on
-    the first step, after an infinite log-SNR step, and into ``sigma = 0``.
+    Of the grid's ``n`` Heun steps, ``K N_r`` go to restarts (``K = restart_times``,
+    ``N_r = restart_steps``, default ``n // 4``), so the cost is that of ``n`` Heun
+    steps: the main pass runs ``m = n - K N_r`` steps on the grid resampled to ``m``
+    intervals (piecewise linear in ``t`` through the given times, ends kept). At the
+    main grid's noisy point ``t_lo`` whose ``sigma/alpha`` is nearest ``restart_min``, ``K``
+    times: forward-noise ``x`` to ``t_hi`` (``sigma/alpha = restart_max``),
+    ``x <- (alpha_hi/alpha_lo) x + sqrt(sigma_hi^2 - (alpha_hi sigma_lo / alpha_lo)^2) z``,
+    and return to ``t_lo`` by ``N_r`` Heun steps on a Karras (``rho = 7``) grid of
+    ``sigma/alpha``. The defaults (0.1, 2) are those of the authors' sampler for A1111.
     """
+    n = len(ts) - 1
+    n_r = max(1, n // 4) if restart_steps is None else restart_steps
+    m = n - restart_times * n_r
+    if restart_times < 0 or n_r < 1 or m < (2 if restart_times else 1):
+        raise InputError(
+            f"restart_times={restart_times}, restart_steps={n_r} leave {m} of steps={n} to the "
+            "main pass; it needs >= 2 (one noisy point to restart from)."
+        )
+    if not 0 < restart_min < restart_max:
+        raise InputError(
+            f"restart_min={restart_min}, restart_max={restart_max}: need 0 < min < max."
+        )
+    velocity = functools.partial(_velocity, denoise, process)
 
+    def heun(x, t, t1):
+        k1 = velocity(x, t)
+        return x + 0.5 * (t1 - t) * (k1 + velocity(x + (t1 - t) * k1, t1))
+
+    main = jnp.interp(jnp.arange(m + 1) * (n / m), jnp.arange(n + 1), ts)
+    main = main.at[0].set(ts[0]).at[-1].set(ts[-1])
+    if not restart_times:
+        return lax.scan(lambda x, i: (heun(x, main[i], main[i + 1]), None), x, jnp.arange(m))[0]
+    level = lambda t: jnp.exp(-0.5 * process.logsnr(t))  # sigma / alpha
+    j_r = 1 + jnp.argmin(jnp.abs(jnp.log(level(main[1:-1]) / restart_min)))
+    t_lo, t_hi = main[j_r], process.t_from_logsnr(-2 * math.log(restart_max))
+    inv = restart_max ** (1 / 7) + jnp.linspace(0, 1, n_r + 1) * (
+        level(t_lo) ** (1 / 7) - restart_max ** (1 / 7)
+    )
+    sub = process.t_from_logsnr(-14 * jnp.log(inv)).at[0].set(t_hi).at[-1].set(t_lo)
+    ratio = process.alpha(t_hi) / process.alpha(t_lo)
+    jump = jnp.sqrt(jnp.maximum(process.sigma(t_hi) ** 2 - (ratio * process.sigma(t_lo)) ** 2, 0))
+
+    def one_restart(x, k):
+        x = ratio * x + jump * s_noise * step_noise(keys, k, x)
+        back = lambda x, j: (heun(x, sub[j], sub[j + 1]), None)
+        return lax.scan(back, x, jnp.arange(n_r))[0], None
+
+    def step(x, i):
+        x = heun(x, main[i], main[i + 1])
+        again = lambda x: lax.scan(one_restart, x, jnp.arange(restart_times))[0]
+        return lax.cond(i + 1 == j_r, again, lambda x: x, x), None
+
+    return lax.scan(step, x, jnp.arange(m))[0]
+
+
+def _sde_terms(h, eta: float, s_noise: float, sigma_next, keys, i, x):
+    """``(e^{-eta h}, (1 + eta) h, noise)`` of a DPM-Solver++ SDE step (``eta = 0``: the ODE).
+
+    The noise ``sigma_s sqrt(1 - e^{-2 eta h}) z`` is the exact variance of the
+    linear part of the SDE over the step; with ``eta = 0`` nothing is drawn and
+    ``0 * inf`` (an infinite log-SNR step) never occurs.
+    """
+    if not eta:
+        return 1.0, h, 0.0
+    z = step_noise(keys, i, x)
+    noise = sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta * h)) * (s_noise * z)
+    return jnp.exp(-eta * h), (1 + eta) * h, noise
+
+
+def dpmpp_2m(
+    denoise,
+    x,
+    ts,
+    keys,
+    process,
+    *,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+):
+    """DPM-Solver++(2M), Lu et al. (2022b), Algorithm 2; with ``eta > 0`` its SDE form.
+
+    ``x_s = (sigma_s/sigma_t) e^{-eta h} x_t + alpha_s (1 - e^{-H}) x0 + alpha_s c (x0 - x0_prev)/r
+    + sigma_s sqrt(1 - e^{-2 eta h}) s_noise z`` with ``H = (1 + eta) h``, ``r = h_prev / h``
+    and ``c = (1 - e^{-H}) / 2`` (``"midpoint"``: Algorithm 2's ``D`` at ``eta = 0``) or
+    ``c = 1 - (1 - e^{-H}) / H`` (``"heun"``). ``eta = 1`` is the SDE-DPM-Solver++(2M) of
+    the same paper, as k-diffusion's ``sample_dpmpp_2m_sde``. First order on the first
+    step, after an infinite log-SNR step, and into ``sigma = 0``.
+    """
+    if solver_type not in ("midpoint", "heun"):
+        raise InputError(f"solver_type={solver_type!r}: use 'midpoint' or 'heun'.")
     alpha, sigma, lam = process.alpha(ts), process.sigma(ts), _lam(process, ts)
 
     def step(carry, i):
         x, x0_prev, h_prev = carry
         x0, _ = denoise(x, ts[i])
         h = lam[i + 1] - lam[i]
-        r = h_prev / h
+        decay, big_h, noise = _sde_terms(h, eta, s_noise, sigma[i + 1], keys, i, x)
+        gain = -jnp.expm1(-big_h)
+        c = 0.5 * gain if solver_type == "midpoint" else 1 - gain / big_h
         second = jnp.isfinite(h) & jnp.isfinite(h_prev)
-        d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev, x0)
-        x = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * jnp.expm1(-h) * d
+        x0_diff = jnp.where(second, c * (h / h_prev) * (x0 - x0_prev), 0.0)
+        x = sigma[i + 1] / sigma[i] * decay * x + alpha[i + 1] * (gain * x0 + x0_diff) + noise
         return (x, x0, h), None
 
     init = (x, jnp.zeros_like(x), jnp.full((), jnp.inf, ts.dtype))
     return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]
 
 
-def dpmpp_3m(denoise, x, ts, keys, process):
-    """DPM-Solver++(3M): third-order multistep data prediction (k-diffusion's 3M, eta = 0).
+def dpmpp_3m(denoise, x, ts, keys, process, *, eta: float = 0.0, s_noise: float = 1.0):
+    """DPM-Solver++(3M): third-order multistep data prediction; ``eta > 0`` its SDE form.
 
     The third-order exponential integrator of Lu et al. (2022b), Sec. 4 / App. B:
-    ``x_s = (sigma_s/sigma_t) x_t + alpha_s [(1 - e^{-h}) x0 + phi_2 D1 - phi_3 D2]``
-    with ``phi_2 = (e^{-h} - 1)/h + 1``, ``phi_3 = phi_2 / h - 1/2`` and divided
-    differences ``D1, D2`` of the last three ``x0``; lower order while history is short.
+    ``x_s = (sigma_s/sigma_t) e^{-eta h} x_t + alpha_s [(1 - e^{-H}) x0 + phi_2 D1 - phi_3 D2]
+    + sigma_s sqrt(1 - e^{-2 eta h}) s_noise z`` with ``H = (1 + eta) h``,
+    ``phi_2 = (e^{-H} - 1)/H + 1``, ``phi_3 = phi_2 / H - 1/2`` and divided
+    differences ``D1, D2`` of the last three ``x0``; lower order while history is
+    short. ``eta = 1`` is k-diffusion's ``sample_dpmpp_3m_sde``.
     """
 
     alpha, sigma, lam = process.alpha(ts), process.sigma(ts), _lam(process, ts)
@@ -206,8 +316,9 @@ def dpmpp_3m(denoise, x, ts, keys, process):
         x0, _ = denoise(x, ts[i])
         a1 = alpha[i + 1]
         h = lam[i + 1] - lam[i]
-        phi_2 = jnp.expm1(-h) / h + 1
-        phi_3 = phi_2 / h - 0.5
+        decay, big_h, noise = _sde_terms(h, eta, s_noise, sigma[i + 1], keys, i, x)
+        phi_2 = jnp.expm1(-big_h) / big_h + 1
+        phi_3 = phi_2 / big_h - 0.5
         r0, r1 = h_1 / h, h_2 / h
         d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
         d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
@@ -215,11 +326,91 @@ def dpmpp_3m(denoise, x, ts, keys, process):
         ok2 = jnp.isfinite(h) & jnp.isfinite(h_1)
         ok3 = ok2 & jnp.isfinite(h_2)
         corr = jnp.where(ok3, phi_2 * d1 - phi_3 * d2, jnp.where(ok2, phi_2 * d1_0, 0.0))
-        x = sigma[i + 1] / sigma[i] * x - a1 * jnp.expm1(-h) * x0 + a1 * corr
+        x = sigma[i + 1] / sigma[i] * decay * x - a1 * jnp.expm1(-big_h) * x0 + a1 * corr + noise
         return (x, x0, x0_1, h, h_1), None
 
     inf = jnp.full((), jnp.inf, ts.dtype)
     init = (x, jnp.zeros_like(x), jnp.zeros_like(x), inf, inf)
+    return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]
+
+
+def _sa_weights(nodes, h, a):
+    """SA-Solver's ``b_j / alpha_s`` (Xue et al. 2023, Sec. 4): ``a int e^{a u} l_j(u) du``.
+
+    ``u = lambda - lambda_s`` runs over ``[-h, 0]``; ``l_j`` is the Lagrange basis on
+    ``nodes`` (the ``u`` of the stored ``x0``), ``a = 1 + tau^2``; the moments
+    ``I_q = int u^q e^{a u} du`` follow ``I_q = -(-h)^q e^{-a h}/a - (q/a) I_{q-1}``.
+    """
+    moments = [-jnp.expm1(-a * h) / a]
+    for q in range(1, len(nodes)):
+        moments.append(-((-h) ** q) * jnp.exp(-a * h) / a - q / a * moments[-1])
+    if len(nodes) == 1:
+        return [a * moments[0]]
+    vt = jnp.stack([jnp.stack([u**q for u in nodes]) for q in range(len(nodes))])
+    w = _solve(vt, jnp.stack(moments))  # V^T w = I: w_j = sum_q (V^-1)_{qj} I_q
+    return [a * w[j] for j in range(len(nodes))]
+
+
+def sa_solver(
+    denoise,
+    x,
+    ts,
+    keys,
+    process,
+    *,
+    tau: float = 1.0,
+    predictor_order: int = 3,
+    corrector_order: int = 3,
+):
+    """SA-Solver (Xue et al. 2023, Algorithm 1): stochastic Adams predictor-corrector.
+
+    Data prediction in ``lambda`` with a constant ``tau`` (0 is the ODE):
+    ``x_s = (sigma_s / sigma_t) e^{-tau^2 h} x_t + alpha_s sum_j b_j x0_j
+    + sigma_s sqrt(1 - e^{-2 tau^2 h}) xi`` (the SA-Predictor), ``b_j`` from :func:`_sa_weights`
+    on the last ``predictor_order`` ``x0``. The SA-Corrector redoes the step with
+    the next point's ``x0`` as a node and the same ``xi``, reusing the next step's
+    evaluation (one per step); ``corrector_order = 0`` skips it, and with ``tau = 0`` and
+    ``predictor_order = 1`` the step is DDIM's. Orders 3 and 3 are the paper's setting;
+    orders drop while history is short and to 1 across an infinite log-SNR step.
+    """
+    if not (1 <= predictor_order <= 4 and 0 <= corrector_order <= 4 and tau >= 0):
+        raise InputError(
+            f"sa_solver predictor_order={predictor_order}, corrector_order={corrector_order}, "
+            f"tau={tau}: use orders 1..4 (corrector 0 = none) and tau >= 0."
+        )
+    p, c, a = predictor_order, corrector_order, 1 + tau**2
+    alpha, sigma, lam = process.alpha(ts), process.sigma(ts), _lam(process, ts)
+    depth = max(p, c)
+
+    def sa_step(k, x, ms, lams, i):  # from ts[i] to ts[i + 1] on nodes ms[:k] at lams[:k]
+        h = lam[i + 1] - lam[i]
+        w = _sa_weights([lams[j] - lam[i + 1] for j in range(k)], h, a)
+        x = sigma[i + 1] / sigma[i] * (jnp.exp(-(tau**2) * h) if tau else 1.0) * x
+        x = x + alpha[i + 1] * sum(w[j] * ms[j] for j in range(k))
+        if tau:
+            x = x + sigma[i + 1] * jnp.sqrt(-jnp.expm1(-2 * tau**2 * h)) * step_noise(keys, i, x)
+        return x
+
+    def order(limit, lams):  # how many of the newest nodes are usable, at most `limit`
+        return jnp.cumprod(jnp.isfinite(lams[:limit]).astype(jnp.int32)).sum()
+
+    def step(carry, i):
+        x, x_prev, hist_m, hist_lam = carry
+        m, _ = denoise(x, ts[i])
+        new_m = jnp.concatenate([m[None], hist_m[:-1]])
+        new_lam = jnp.concatenate([lam[i][None], hist_lam[:-1]])
+        if c:
+            k_c = jnp.where(jnp.isfinite(hist_lam[0]), order(c, new_lam), 0)  # 0: first step
+            correctors = [functools.partial(sa_step, k, x_prev) for k in range(1, c + 1)]
+            corrected = lax.switch(jnp.maximum(k_c, 1) - 1, correctors, new_m, new_lam, i - 1)
+            x = jnp.where(k_c > 0, corrected, x)
+        smooth = jnp.isfinite(lam[i]) & jnp.isfinite(lam[i + 1])
+        k_p = jnp.where(smooth, order(p, new_lam), 1)
+        predictors = [functools.partial(sa_step, k) for k in range(1, p + 1)]
+        x_next = lax.switch(k_p - 1, predictors, x, new_m, new_lam, i)
+        return (x_next, x, new_m, new_lam), None
+
+    init = (x, x, jnp.zeros((depth, *x.shape), x.dtype), jnp.full((depth,), -jnp.inf, lam.dtype))
     return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]
 
 

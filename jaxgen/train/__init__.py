@@ -8,17 +8,24 @@ usable on their own (``make_setup`` -> ``init_state`` -> ``make_train_step``).
 
 from jaxgen.train.checkpoint import Checkpointer
 from jaxgen.train.evaluation import (
+    class_labels,
     fid_of_samples,
-    generate,
     image_grid,
-    make_sampler,
     reference_stats,
+    sample_images,
     save_png,
 )
-from jaxgen.train.loop import TrainingDiverged, build, describe, train_and_evaluate
+from jaxgen.train.loop import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    build,
+    describe,
+    train_and_evaluate,
+)
 from jaxgen.train.run import Run, load_run
 from jaxgen.train.state import (
     PROCESSES,
+    LossFn,
     Setup,
     TrainState,
     abstract_state,
@@ -36,29 +43,31 @@ from jaxgen.train.writers import MetricWriter, TensorBoardWriter, read_events
 __all__ = [
     "PROCESSES",
     "Checkpointer",
+    "LossFn",
     "MetricWriter",
     "Run",
     "Setup",
     "TensorBoardWriter",
     "TrainState",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "abstract_state",
     "build",
+    "class_labels",
     "describe",
     "ema_decay",
     "ema_name",
     "fid_of_samples",
-    "generate",
     "image_grid",
     "init_state",
     "load_run",
     "make_optimizer",
-    "make_sampler",
     "make_schedule",
     "make_setup",
     "make_train_step",
     "read_events",
     "reference_stats",
+    "sample_images",
     "save_png",
     "state_shardings",
     "train_and_evaluate",

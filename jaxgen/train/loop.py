@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -22,13 +22,13 @@ from jaxgen.parallel import initialize_distributed, make_mesh
 from jaxgen.train.checkpoint import Checkpointer
 from jaxgen.train.evaluation import (
     fid_of_samples,
-    generate,
     image_grid,
-    make_sampler,
     reference_stats,
+    sample_images,
     save_png,
 )
 from jaxgen.train.state import (
+    LossFn,
     Setup,
     TrainState,
     abstract_state,
@@ -37,6 +37,7 @@ from jaxgen.train.state import (
     make_setup,
     make_train_step,
 )
+from jaxgen.train.workdir import WorkdirLock, check_config
 from jaxgen.train.writers import MetricWriter
 
 
@@ -44,38 +45,101 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN or infinite; the run stopped."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a checkpoint was saved.
+
+    Attributes:
+      signum: the signal; a command exits with ``128 + signum`` (143, 130), so that
+        ``train && sample`` does not go on with a half-trained model.
+      step: the step of the checkpoint saved.
+    """
+
+    def __init__(self, signum: int, step: int, where: str) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: stopped at step {step}, checkpoint saved in {where}; run the "
+                         "same command again to continue.")
+        self.signum, self.step = signum, step
+
+
 def open_data(config: ml_collections.ConfigDict, download: bool = True):
-    """The training source and the image shape the model sees (after resize and padding)."""
-    source = open_source(config.data.source, tfds_download=download)
+    """The training source, resized to ``data.resolution`` when set (the one place images
+    are resized), and the image shape the model sees (after padding to ``data.pad_to``)."""
+    source = open_source(config.data.source, resolution=config.data.resolution,
+                         tfds_download=download)
     return source, model_shape(config, source.image_shape)
 
 
 def model_shape(config: ml_collections.ConfigDict, stored: tuple | None) -> tuple[int, int, int]:
-    """``(H, W, C)`` of the model's input given the stored image shape (``None``: varies)."""
+    """``(H, W, C)`` of the model's input given the source's image shape (``None``: varies)."""
     side = config.data.pad_to or config.data.resolution
     if stored is None:
         if config.data.resolution is None:
             raise InputError(
-                f"{config.data.source}: images differ in size; set data.resolution to train."
+                f"{config.data.source}: images differ in size; set data.resolution "
+                "(--config.data.resolution=N) to center-crop and resize them to NxN."
             )
         stored = (config.data.resolution, config.data.resolution, 3)
     return (side or stored[0], side or stored[1], stored[2])
 
 
-def build(config: ml_collections.ConfigDict, source=None) -> tuple[Setup, object]:
+def _check_labels(setup: Setup, source) -> None:
+    """A class-conditional model needs labels in ``[0, num_classes)``."""
+    if not setup.num_classes:
+        return
+    if not source.has_labels:
+        raise InputError(
+            f"{source.name} has no labels but the model is conditioned on "
+            f"{setup.num_classes} classes; set model.kwargs.num_classes=0 for an unconditional "
+            "model, or give a labelled source."
+        )
+    labels = source.labels
+    if labels is not None and len(labels) and int(np.max(labels)) >= setup.num_classes:
+        raise InputError(
+            f"{source.name} has labels up to {int(np.max(labels))} but the model has "
+            f"num_classes={setup.num_classes}; set model.kwargs.num_classes="
+            f"{int(np.max(labels)) + 1} or more."
+        )
+
+
+def _check_cadence(config: ml_collections.ConfigDict) -> None:
+    """Counts and periods that must be positive (0 would divide by zero or never save)."""
+    for key, value, least in (
+        ("data.batch_size", config.data.batch_size, 1),
+        ("train.num_steps", config.train.num_steps, 1),
+        ("train.log_every", config.train.log_every, 1),
+        ("checkpoint.every_steps", config.checkpoint.every_steps, 1),
+        ("checkpoint.keep", config.checkpoint.keep, 1),
+        ("eval.every_steps", config.eval.every_steps, 0),
+        ("train.minutes", config.train.minutes, 0),
+    ):
+        if not value >= least:  # also refuses NaN
+            raise InputError(f"{key}={value} must be >= {least}; --config.{key}=N sets it.")
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    source=None,
+    *,
+    module: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+) -> tuple[Setup, object]:
     """The run's :class:`Setup` and training source (no parameters allocated).
 
     Args:
       config: the run's configuration.
-      source: the training images; default ``open_source(config.data.source)``.
+      source: the training images; default :func:`open_data`.
+      module, loss_fn: a user's model and loss (see :func:`make_setup`).
     """
+    _check_cadence(config)
     if source is None:
         source, image_shape = open_data(config)
     else:
         image_shape = model_shape(config, source.image_shape)
     mesh = make_mesh(fsdp=config.train.fsdp)
     total_updates = max(config.train.num_steps // config.optim.grad_accum, 1)
-    return make_setup(config, mesh, image_shape, total_updates), source
+    setup = make_setup(config, mesh, image_shape, total_updates, module=module, loss_fn=loss_fn)
+    _check_labels(setup, source)
+    return setup, source
 
 
 def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -106,7 +170,7 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
     if config.train.minutes:
         stop += f" or {config.train.minutes} minutes of training, whichever comes first"
     lines = [
-        f"model: {config.model.name} {dict(config.model.kwargs)}, "
+        f"model: {config.model.name} {dict(config.model.kwargs)}, {setup.num_classes} classes, "
         f"{count_params(params):,} parameters, compute {config.train.compute_dtype}",
         f"process: {setup.process!r}, prediction {setup.prediction}, "
         f"precond {config.diffusion.precond}",
@@ -126,25 +190,34 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 class _Signals:
-    """Records SIGTERM (preemption) so the loop can checkpoint and stop between steps."""
+    """Records SIGTERM (preemption) and SIGINT (Ctrl-C), so that the loop checkpoints and
+    stops between steps instead of dying mid-step or swallowing the signal."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.stop = False
-        self._previous = None
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def stop(self) -> bool:
+        return self.received is not None
 
     def __enter__(self) -> _Signals:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, no preemption support
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, no preemption support
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.stop = True
+        if self.received is None:
+            self.received = signum
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _agree(flags: list[bool]) -> list[bool]:
@@ -160,12 +233,8 @@ class _Evaluator:
     """Sample grid + FID of EMA samples; the reference statistics are computed on first use."""
 
     def __init__(self, setup: Setup, workdir: epath.Path) -> None:
-        cfg = setup.config.eval
-        self.setup, self.workdir, self.cfg = setup, workdir, cfg
-        self.batch_size = cfg.batch_size
-        self.sampler = make_sampler(setup, cfg.batch_size, solver=cfg.solver, steps=cfg.steps,
-                                    cfg_scale=cfg.cfg_scale)
-        self.key = jax.random.key_data(jax.random.key(cfg.seed))
+        self.setup, self.workdir, self.cfg = setup, workdir, setup.config.eval
+        self.key = jax.random.key_data(jax.random.key(self.cfg.seed))
         self._extractor = None
         self._reference = None
 
@@ -191,11 +260,12 @@ class _Evaluator:
     def __call__(self, state: TrainState, step: int) -> dict[str, float]:
         params = state.ema[ema_name(self.setup.config.train.ema_decays[0])]
         n_grid = 64
-        num = max(n_grid, self.cfg.fid_samples)
         start = time.perf_counter()
-        batches = list(generate(self.sampler, params, self.key, num, self.batch_size,
-                                self.setup.num_classes))
-        images = np.concatenate([b[0] for b in batches])
+        images = np.concatenate(list(sample_images(
+            self.setup, params, self.key, num=max(n_grid, self.cfg.fid_samples),
+            batch_size=self.cfg.batch_size, solver=self.cfg.solver, steps=self.cfg.steps,
+            cfg_scale=self.cfg.cfg_scale,
+        )))
         out = {"sample_seconds": time.perf_counter() - start}
         if jax.process_index() == 0:
             save_png(image_grid(images[:n_grid]), self.workdir / "samples" / f"{step:08d}.png")
@@ -209,29 +279,118 @@ class _Evaluator:
         return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+@jax.jit
+def _accumulate(totals: dict, metrics: dict) -> dict:
+    """Running sums of the step metrics, on the device (no host round trip per step)."""
+    return {k: totals[k] + metrics[k] for k in totals}
+
+
+class _Progress:
+    """The progress bar, counted against the limit that stops the run.
+
+    With ``train.minutes`` set the bar runs over the training minutes (and
+    shows the step); otherwise over ``train.num_steps``. A time-limited run
+    never shows a million-step bar with a days-long ETA.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, step: int, seconds: float,
+                 enabled: bool) -> None:
+        self.minutes = float(config.train.minutes or 0.0)
+        self.num_steps = config.train.num_steps
+        if self.minutes:
+            self.bar = tqdm(initial=round(seconds), total=round(self.minutes * 60),
+                            disable=not enabled, file=sys.stderr, unit="s", dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s of training "
+                                       "[{elapsed}<{remaining}{postfix}]")
+        else:
+            self.bar = tqdm(initial=step, total=self.num_steps, disable=not enabled,
+                            file=sys.stderr, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, seconds: float) -> None:
+        if self.minutes:
+            self.bar.update(min(round(seconds), self.bar.total) - self.bar.n)
+        else:
+            self.bar.update(step - self.bar.n)
+
+    def show(self, step: int, **values: str) -> None:
+        if self.minutes:
+            values = {"step": f"{step}/{self.num_steps}", **values}
+        self.bar.set_postfix(values, refresh=False)
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    module: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    allow_config_change: bool = False,
+) -> TrainState:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
     Writes ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``tb/`` (TensorBoard)
     and ``samples/<step>.png``; ``workdir`` may be a bucket (``gs://BUCKET/...``), which
     every process of a multi-host run must see. Stops after ``train.num_steps`` steps, after
     ``train.minutes`` minutes of training (evaluation and checkpoint time not
-    counted), or on SIGTERM, saving a checkpoint each time.
+    counted), or on SIGTERM/SIGINT, saving a checkpoint each time.
+
+    The workdir is locked while the run trains (a second run there is refused),
+    and a rerun must have the saved ``config.json``'s configuration up to the
+    fields that only say how long or how often (see :mod:`jaxgen.train.workdir`).
+
+    The step runs ahead of the host: its metrics stay on the device and are
+    read only every ``train.log_every`` steps and at checkpoints.
+
+    Args:
+      config: the run's configuration (``configs/*.py``).
+      workdir: the run's folder.
+      module: train this Flax module instead of ``config.model`` (called as
+        ``module.apply(variables, x_t, t, cond, train=..., rngs=...)``; give the
+        same module again to resume or to :func:`jaxgen.train.load_run`).
+      loss_fn: train with this loss instead of :func:`jaxgen.diffusion.loss`
+        (a :data:`jaxgen.train.state.LossFn`).
+      allow_config_change: continue a run whose saved configuration differs
+        (the new one is saved); otherwise that is refused.
 
     Raises:
+      InputError: bad configuration, a configuration that differs from the
+        run's, a workdir in use by another run; nothing is written.
       TrainingDiverged: when the loss or gradient norm is not finite; the
         last checkpoint (written before the bad step) is kept.
+      TrainingInterrupted: after SIGTERM or SIGINT, once the checkpoint is saved.
     """
     initialize_distributed(config.parallel.coordinator, config.parallel.num_processes,
                            config.parallel.process_id)
     workdir_path = epath.Path(workdir)
     main = jax.process_index() == 0
+    config_json = config.to_json_best_effort(indent=2) + "\n"
+    # Everything is checked before anything is written: a refused start leaves no trace.
+    rewrite_config = check_config(workdir_path, config_json, allow_config_change)
+    setup, source = build(config, module=module, loss_fn=loss_fn)
+    lock = WorkdirLock(workdir_path)
     if main:
-        with open_atomic(workdir_path / "config.json") as f:
-            f.write((config.to_json_best_effort(indent=2) + "\n").encode())
-    setup, source = build(config)
+        workdir_path.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    try:
+        return _train(config, workdir_path, setup, source, lock, rewrite_config and main,
+                      config_json)
+    finally:
+        lock.release()
+
+
+def _train(config, workdir_path, setup, source, lock, write_config: bool, config_json: str):
+    main = jax.process_index() == 0
     ckpt = Checkpointer(workdir_path / "checkpoints", keep=config.checkpoint.keep)
     restored = ckpt.restore_latest(abstract_state(setup))
+    if write_config:
+        with open_atomic(workdir_path / "config.json") as f:
+            f.write(config_json.encode())
     if restored is None:
         state, extra = init_state(setup, config.seed), {"data": None, "train_seconds": 0.0}
     else:
@@ -239,11 +398,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         print(f"resuming from {ckpt.directory / str(step)}", file=sys.stderr)
     data = TrainIterator(
         source, config.data.batch_size, seed=config.seed, flip=config.data.flip,
-        resolution=config.data.resolution, pad_to=config.data.pad_to,
-        with_labels=bool(setup.num_classes), mesh=setup.mesh, state=extra["data"],
+        pad_to=config.data.pad_to, with_labels=bool(setup.num_classes), mesh=setup.mesh,
+        state=extra["data"],
     )
     train_step = make_train_step(setup)
-    writer = MetricWriter(workdir_path, enabled=main)
+    # Records past the checkpoint (logged before a crash) are dropped: no step twice.
+    writer = MetricWriter(workdir_path, enabled=main, after=int(state.step))
     evaluator = _Evaluator(setup, workdir_path)
     evaluator.prepare()
     if main and restored is None:
@@ -254,67 +414,93 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     step = int(state.step)
     train_seconds = float(extra["train_seconds"])
     pending_minutes = [m for m in config.eval.at_minutes if m * 60 > train_seconds]
-    bar = tqdm(initial=step, total=config.train.num_steps, disable=not main, file=sys.stderr,
-               unit="step", dynamic_ncols=True)
-    last_log, window = time.perf_counter(), 0
+    progress = _Progress(config, step, train_seconds, enabled=main)
+    # Processes agree on signals and time limits at log steps only (a collective per step
+    # would stall every step on the slowest host); one process decides every step.
+    agree_every = 1 if jax.process_count() == 1 else config.train.log_every
+    totals, window, window_start = None, 0, time.perf_counter()
+
+    def read_window() -> dict[str, float]:
+        """Wait for the steps so far; their mean metrics (raise if one was not finite)."""
+        nonlocal totals, window, window_start
+        means = {k: float(v) / window for k, v in jax.device_get(totals).items()}
+        means["steps_per_s"] = window / (time.perf_counter() - window_start)
+        bad = window - round(means["finite"] * window)
+        if bad:
+            kept = ckpt.steps()
+            where = f"step {kept[-1]} in {ckpt.directory}" if kept else "none"
+            writer.write(step, means)
+            shutdown()
+            found = ", ".join(f"{k}={means[k]:.4g}" for k in ("loss", "grad_norm"))
+            raise TrainingDiverged(
+                f"{bad} of steps {step - window + 1}..{step} had a non-finite loss or gradient "
+                f"(means {found}): training diverged and stopped; those steps were not applied. "
+                f"Last good checkpoint: {where}. Lower optim.lr, set optim.grad_clip, or check "
+                "the data."
+            )
+        totals, window, window_start = None, 0, time.perf_counter()
+        return means
 
     def save():
         ckpt.save(step, state, {"data": data.get_state(), "train_seconds": train_seconds})
 
+    def shutdown():
+        progress.close()
+        writer.close()
+        ckpt.close()
+        data.close()
+
+    preempted = False
     with _Signals() as signals:
+        tick = time.perf_counter()
         while step < config.train.num_steps:
-            tick = time.perf_counter()
             state, metrics = train_step(state, next(data))
-            checks = {k: float(metrics[k]) for k in ("loss", "grad_norm", "update_norm")}
-            loss, grad_norm = checks["loss"], checks["grad_norm"]
-            train_seconds += time.perf_counter() - tick
-            if not all(map(math.isfinite, checks.values())):
-                # The state after this step is never saved: the last checkpoint stays good.
-                kept = ckpt.steps()
-                where = f"step {kept[-1]} in {ckpt.directory}" if kept else "none"
-                writer.write(step + 1, checks)
-                writer.close()
-                ckpt.close()
-                data.close()
-                bar.close()
-                found = ", ".join(f"{k}={v}" for k, v in checks.items())
-                raise TrainingDiverged(
-                    f"{found} at step {step + 1}: training diverged and stopped. Last good "
-                    f"checkpoint: {where}. Lower optim.lr, set optim.grad_clip, or check the data."
-                )
+            totals = metrics if totals is None else _accumulate(totals, metrics)
             step += 1
             window += 1
-            bar.update(1)
-            due_minutes = bool(pending_minutes) and train_seconds >= pending_minutes[0] * 60
-            out_of_time = bool(config.train.minutes) and train_seconds >= config.train.minutes * 60
-            preempted, due_minutes, out_of_time = _agree([signals.stop, due_minutes, out_of_time])
-            if step % config.train.log_every == 0 or step == config.train.num_steps:
-                now = time.perf_counter()
-                rate = window / (now - last_log)
-                last_log, window = now, 0
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                writer.write(step, {"loss": loss, "grad_norm": grad_norm,
-                                    "lr": float(metrics["lr"]), "steps_per_s": rate,
-                                    "train_minutes": train_seconds / 60})
-            if step % config.checkpoint.every_steps == 0:
-                save()
+            now = time.perf_counter()
+            train_seconds += now - tick  # wall time: the device queue is at most a few steps
+            tick = now
+            progress.update(step, train_seconds)
+            preempted, due_minutes, out_of_time = signals.stop, False, False
+            if step % agree_every == 0 or step == config.train.num_steps:
+                due_minutes = bool(pending_minutes) and train_seconds >= pending_minutes[0] * 60
+                out_of_time = bool(config.train.minutes) and (
+                    train_seconds >= config.train.minutes * 60)
+                preempted, due_minutes, out_of_time = _agree(
+                    [signals.stop, due_minutes, out_of_time])
+            checkpoint_now = step % config.checkpoint.every_steps == 0
             evaluate_now = (config.eval.every_steps and step % config.eval.every_steps == 0)
+            stopping = preempted or out_of_time or step == config.train.num_steps
+            if (step % config.train.log_every == 0 or checkpoint_now or evaluate_now
+                    or due_minutes or stopping):
+                means = read_window()  # waits for the device; raises on divergence
+                if step % config.train.log_every == 0 or stopping:
+                    progress.show(step, loss=f"{means['loss']:.4f}")
+                    writer.write(step, {**{k: v for k, v in means.items() if k != "finite"},
+                                        "train_minutes": train_seconds / 60})
+            if checkpoint_now:
+                save()
             if evaluate_now or due_minutes:
                 if due_minutes:  # decided together, so every process drops the same mark
                     pending_minutes.pop(0)
                 results = evaluator(state, step)
                 results["train_minutes"] = train_seconds / 60
                 writer.write(step, results)
-                bar.write(f"step {step}: " + json.dumps({k: round(v, 3)
-                                                          for k, v in results.items()}))
-                last_log, window = time.perf_counter(), 0
+                progress.write(f"step {step}: " + json.dumps({k: round(v, 3)
+                                                               for k, v in results.items()}))
+                window_start = time.perf_counter()
             if preempted or out_of_time:
-                why = "SIGTERM" if preempted else f"{config.train.minutes} minutes reached"
-                bar.write(f"{why}: checkpoint at step {step}")
+                why = "signal" if preempted else f"{config.train.minutes} minutes reached"
+                progress.write(f"{why}: checkpoint at step {step}")
                 break
+            lock.refresh()
+            tick = time.perf_counter()  # evaluation and checkpoint time is not training time
+    if totals is not None:
+        read_window()
     save()
-    bar.close()
-    writer.close()
-    ckpt.close()
-    data.close()
+    shutdown()
+    if preempted:
+        raise TrainingInterrupted(signals.received or signal.SIGTERM, step,
+                                  str(ckpt.directory / str(step)))
     return state

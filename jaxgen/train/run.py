@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import ml_collections
 from etils import epath
 
@@ -31,13 +32,23 @@ class Run(NamedTuple):
     weights: str
 
 
-def load_run(workdir: str | os.PathLike, ema: str | float | None = None) -> Run:
+def load_run(
+    workdir: str | os.PathLike,
+    ema: str | float | None = None,
+    *,
+    module: nn.Module | None = None,
+) -> Run:
     """The latest checkpoint of a ``python -m jaxgen.train`` workdir (local or ``gs://``).
+
+    Sample from it with ``run.setup.model_fn(run.params, x_t, t, cond)`` or
+    :func:`jaxgen.train.sample_images`.
 
     Args:
       workdir: the run's folder, holding ``config.json`` and ``checkpoints/``.
       ema: EMA decay to take (default the run's first, ``train.ema_decays[0]``),
         or ``"params"`` for the raw training weights.
+      module: the Flax module the run was trained with, when it was given to
+        :func:`jaxgen.train.train_and_evaluate` as ``module=`` (default: ``config.model``).
 
     Raises:
       InputError: no ``config.json``, no checkpoint, or an EMA the run does not keep.
@@ -47,8 +58,8 @@ def load_run(workdir: str | os.PathLike, ema: str | float | None = None) -> Run:
     if not config_path.is_file():
         raise InputError(f"{config_path}: not found; give a jaxgen.train run folder.")
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    setup, _ = build(config)
-    checkpoints = Checkpointer(workdir / "checkpoints")
+    setup, _ = build(config, module=module)
+    checkpoints = Checkpointer(workdir / "checkpoints", writable=False)  # a reader writes nothing
     try:
         restored = checkpoints.restore_latest(abstract_state(setup))
     finally:

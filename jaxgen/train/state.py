@@ -12,6 +12,7 @@ batch is split over every mesh axis. One call of the train step consumes one
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxgen import diffusion
 from jaxgen.data import to_model_space
 from jaxgen.errors import InputError
-from jaxgen.models import LOGICAL_AXIS_RULES, create_model
+from jaxgen.models import LOGICAL_AXIS_RULES, as_model_fn, create_model
 from jaxgen.parallel import batch_sharding, replicated
 
 PROCESSES = {"vp": diffusion.VP, "edm": diffusion.EDM, "flow": diffusion.Flow}
@@ -60,12 +61,23 @@ def ema_name(decay: float) -> str:
 
 
 def make_process(cfg: ml_collections.ConfigDict):
-    """The noise process of ``config.diffusion``: ``process`` in :data:`PROCESSES` + kwargs."""
+    """The noise process of ``config.diffusion``: ``process`` in :data:`PROCESSES` + kwargs.
+
+    ``diffusion.sigma_data`` is the one place the data scale is set: the EDM
+    process, the EDM preconditioning and the ``edm`` weighting all read it.
+    """
     if cfg.process not in PROCESSES:
         raise InputError(f"diffusion.process={cfg.process!r}: use one of {', '.join(PROCESSES)}.")
-    kwargs = dict(cfg.get("process_kwargs", {}))
-    return PROCESSES[cfg.process](**{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in kwargs.items()})
+    kwargs = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in dict(cfg.get("process_kwargs", {})).items()}
+    if cfg.process == "edm":
+        if "sigma_data" in kwargs:
+            raise InputError(
+                "diffusion.process_kwargs.sigma_data: set diffusion.sigma_data instead (the one "
+                "value the process, the preconditioning and the weighting share)."
+            )
+        kwargs["sigma_data"] = cfg.sigma_data
+    return PROCESSES[cfg.process](**kwargs)
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -125,9 +137,20 @@ def ema_decay(decay: float, updates: jax.Array, warmup: bool) -> jax.Array:
     return jnp.minimum(decay, (1 + n) / (10 + n)) if warmup else jnp.asarray(decay, jnp.float32)
 
 
+LossFn = Callable[..., tuple[jax.Array, dict]]
+"""``loss_fn(model_fn, params, x0, cond, key) -> (loss, metrics)``: ``loss`` is ``[B]``
+per-example values or a scalar (the train step takes the mean), ``metrics`` a dict
+of scalars; ``model_fn(params, x_t, t, cond)`` is the preconditioned model in
+training mode (dropout on)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """The pieces of a run that do not change as it trains."""
+    """The pieces of a run that do not change as it trains.
+
+    Facts about the model (its classes) come from the built ``module``, never
+    from a second copy in the config.
+    """
 
     module: nn.Module
     process: Any
@@ -136,8 +159,19 @@ class Setup:
     schedule: optax.Schedule
     mesh: Mesh
     image_shape: tuple[int, int, int]
-    num_classes: int
     config: ml_collections.ConfigDict
+    loss_fn: LossFn
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model is conditioned on (0: unconditional), read off the module."""
+        return int(getattr(self.module, "num_classes", 0) or 0)
+
+    @functools.cached_property
+    def model_fn(self) -> Callable:
+        """``model_fn(params, x_t, t, cond)`` in evaluation mode, one function object per
+        run, so every compiled sampler is reused across checkpoints and EMAs."""
+        return lambda params, x_t, t, cond: self.apply(params, x_t, t, cond)
 
     @property
     def null_cond(self) -> dict | None:
@@ -153,17 +187,14 @@ class Setup:
         here, so the backbone never sees raw ``x_t`` and ``t`` (it gets
         ``c_noise = ln(sigma) / 4``); otherwise it sees ``diffusion.time_scale * t``
         (1000 reproduces DDPM/DiT's step-index embedding for ``t`` in [0, 1]). A
-        learned-sigma output keeps only the prediction channels.
+        learned-sigma output keeps only the prediction channels (:func:`jaxgen.models.as_model_fn`).
         """
 
-        def raw(p, x, c_noise, c):
-            out = self.module.apply({"params": p}, x, c_noise, c, train=train, rngs=rngs)
-            return out[..., : x.shape[-1]]
+        raw = as_model_fn(self.module, train=train, rngs=rngs)
 
         if self.config.diffusion.precond == "edm":
-            return diffusion.edm_precond(raw, self.process, self.config.diffusion.sigma_data)(
-                params, x_t, t, cond
-            )
+            sigma_data = getattr(self.process, "sigma_data", self.config.diffusion.sigma_data)
+            return diffusion.edm_precond(raw, self.process, sigma_data)(params, x_t, t, cond)
         return raw(params, x_t, self.config.diffusion.get("time_scale", 1.0) * t, cond)
 
     def example_inputs(self, batch: int = 1):
@@ -179,21 +210,45 @@ def make_setup(
     mesh: Mesh,
     image_shape: tuple[int, int, int],
     total_updates: int,
+    *,
+    module: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
 ) -> Setup:
-    """Model, process, optimizer and mesh of ``config`` for images of ``image_shape``."""
+    """Model, process, optimizer and mesh of ``config`` for images of ``image_shape``.
+
+    Args:
+      config: the run's configuration.
+      mesh: the device mesh.
+      image_shape: ``(H, W, C)`` the model sees.
+      total_updates: optimizer updates of the whole run (for the schedule).
+      module: any Flax module called as ``module.apply(variables, x_t, t, cond,
+        train=..., rngs=...)``, with an optional ``num_classes`` attribute (labels
+        ``0..num_classes-1``, null class ``num_classes``); default
+        ``create_model(config.model.name, **config.model.kwargs)``.
+      loss_fn: a :data:`LossFn`; default :func:`jaxgen.diffusion.loss` with the
+        process, prediction, time sampler and weighting of ``config.diffusion``.
+    """
     if config.diffusion.precond not in ("none", "edm"):
         raise InputError(f"diffusion.precond={config.diffusion.precond!r}: use 'none' or 'edm'.")
     prediction = "x0" if config.diffusion.precond == "edm" else config.diffusion.prediction
+    process = make_process(config.diffusion)
+    if module is None:
+        module = make_model(config)
+    if loss_fn is None:
+        loss_fn = functools.partial(
+            diffusion.loss, process=process, prediction=prediction,
+            time_sampler=_time_sampler(config.diffusion), weighting=_weighting(config.diffusion),
+        )
     return Setup(
-        module=make_model(config),
-        process=make_process(config.diffusion),
+        module=module,
+        process=process,
         prediction=prediction,
         optimizer=make_optimizer(config.optim, total_updates),
         schedule=make_schedule(config.optim, total_updates),
         mesh=mesh,
         image_shape=tuple(image_shape),
-        num_classes=int(config.model.kwargs.get("num_classes", 0)),
         config=config,
+        loss_fn=loss_fn,
     )
 
 
@@ -241,8 +296,12 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, dict], tuple[TrainSta
     """The jitted ``train_step(state, batch) -> (state, metrics)``.
 
     ``batch`` holds ``image`` (uint8 NHWC, global, batch-sharded) and, for a
-    class-conditional model, ``label``. The state is donated. ``metrics``
-    (replicated scalars): ``loss``, ``distance``, ``grad_norm``, ``update_norm``, ``lr``.
+    class-conditional model, ``label``. The state is donated. ``metrics`` are
+    replicated scalars that stay on the device (reading them waits for the
+    step; the loop does so only when it logs): ``loss``, the loss function's
+    own metrics, ``grad_norm``, ``update_norm``, ``lr`` and ``finite``. A step
+    whose loss, gradient or update is not finite changes nothing in the state
+    but its step count (``finite`` is 0), so the state never holds a NaN.
     """
     cfg = setup.config
     tx = setup.optimizer
@@ -252,18 +311,15 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, dict], tuple[TrainSta
         k_loss, k_model = jax.random.split(key)
         x0 = to_model_space(batch["image"])
         cond = {"label": batch["label"]} if setup.num_classes else None
+        model_fn = lambda p, x, t, c: setup.apply(p, x, t, c, train=True,
+                                                  rngs={"dropout": k_model})
 
-        def loss_fn(params):
-            fn = lambda p, x, t, c: setup.apply(p, x, t, c, train=True, rngs={"dropout": k_model})
-            return diffusion.loss(
-                fn, params, x0, cond, k_loss,
-                process=setup.process,
-                prediction=setup.prediction,
-                time_sampler=_time_sampler(cfg.diffusion),
-                weighting=_weighting(cfg.diffusion),
-            )
+        def objective(params):
+            value, metrics = setup.loss_fn(model_fn, params, x0, cond, k_loss)
+            value = jnp.mean(value)  # per-example [B] or already a scalar
+            return value, dict(metrics, loss=value)
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         updated = tx.has_updated(opt_state)
@@ -275,11 +331,14 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, dict], tuple[TrainSta
             ema[ema_name(decay)] = jax.tree.map(
                 lambda n, o: jnp.where(updated, n, o), new, state.ema[ema_name(decay)]
             )
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                       update_norm=optax.tree.norm(updates), lr=setup.schedule(n_updates))
-        new_state = state.replace(step=state.step + 1, params=params, ema=ema,
-                                  opt_state=opt_state)
-        return new_state, metrics
+        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+        metrics = dict(metrics, grad_norm=grad_norm, update_norm=update_norm,
+                       lr=setup.schedule(n_updates), finite=finite.astype(jnp.float32))
+        new_state = state.replace(params=params, ema=ema, opt_state=opt_state)
+        # Checked on the device: a non-finite step is dropped without a host round trip.
+        kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        return kept.replace(step=state.step + 1), metrics
 
     shardings = state_shardings(setup)
     data = batch_sharding(setup.mesh)
@@ -302,7 +361,18 @@ def _time_sampler(cfg: ml_collections.ConfigDict):
 
 
 def _weighting(cfg: ml_collections.ConfigDict):
+    if cfg.weighting not in diffusion.WEIGHTINGS:
+        raise InputError(
+            f"diffusion.weighting={cfg.weighting!r}: use one of {', '.join(diffusion.WEIGHTINGS)}."
+        )
     kwargs = dict(cfg.get("weighting_kwargs", {}))
+    if cfg.weighting == "edm":
+        if "sigma_data" in kwargs:
+            raise InputError(
+                "diffusion.weighting_kwargs.sigma_data: set diffusion.sigma_data instead (the one "
+                "value the process, the preconditioning and the weighting share)."
+            )
+        kwargs["sigma_data"] = cfg.sigma_data
     return diffusion.WEIGHTINGS[cfg.weighting](**kwargs) if kwargs else cfg.weighting
 
 

@@ -20,7 +20,7 @@ import time
 
 from etils import epath
 
-from jaxgen.files import GrowingFile
+from jaxgen.files import GrowingFile, open_atomic
 
 
 def _crc32c_table() -> list[int]:
@@ -177,6 +177,15 @@ def _parse_event(record: bytes) -> tuple[int, dict[str, float]]:
     return step, scalars
 
 
+def _drop_records_after(path: epath.Path, step: int) -> None:
+    """Rewrite ``path`` (JSON lines) without the records of steps after ``step``."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        with open_atomic(path) as f:
+            f.write("".join(kept).encode())
+
+
 class MetricWriter:
     """Writes each record to ``DIR/metrics.jsonl`` and TensorBoard events in ``DIR/tb``.
 
@@ -185,12 +194,19 @@ class MetricWriter:
     Args:
       workdir: the run's folder.
       enabled: whether this process writes (``jax.process_index() == 0``).
+      after: a resumed run's step: records of later steps (logged before the
+        run stopped, past its last checkpoint) are removed from ``metrics.jsonl``
+        so that no step appears twice. TensorBoard shows the newest value of a
+        step, so its event files are left as they are.
     """
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True) -> None:
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+                 after: int | None = None) -> None:
         self.enabled = enabled
         if enabled:
             self.jsonl = epath.Path(workdir) / "metrics.jsonl"
+            if after is not None and self.jsonl.exists():
+                _drop_records_after(self.jsonl, after)
             self._jsonl = GrowingFile(self.jsonl)
             self._tb = TensorBoardWriter(epath.Path(workdir) / "tb")
 

@@ -1,0 +1,95 @@
+"""Multistep consistency sampling (Song et al. 2023, Algorithm 1).
+
+``x <- f(x_T, T)``; then for each ``tau_n`` of a decreasing sequence: re-noise
+``x_tau = alpha(tau) x + sqrt(sigma(tau)^2 - (alpha(tau) s_min)^2) z`` and set
+``x <- f(x_tau, tau)``. ``s_min = sigma(t_min) / alpha(t_min)`` is the noise
+level the consistency function's output carries (Algorithm 1's
+``sqrt(tau^2 - eps^2)`` on EDM; 0 on TrigFlow, whose boundary is ``t = 0``,
+giving sCM's ``cos(tau) x + sin(tau) z`` with ``z ~ N(0, sigma_d^2)``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.errors import InputError
+from jaxgen.sampling.solvers import step_noise
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 5))
+def _run(model_fn, params, process, key, ids, shape, ts, x_T, cond):
+    per_sample = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(per_sample)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_sample)
+    if x_T is None:
+        draw = lambda k: jax.random.normal(k, shape[1:], ts.dtype)
+        x_T = process.sigma(ts[0]) * jax.vmap(draw)(init_keys)
+    t_min = jnp.asarray(process.t_min, ts.dtype)
+    s_min = process.sigma(t_min) / process.alpha(t_min)
+    x = model_fn(params, x_T, jnp.full((shape[0],), ts[0]), cond)
+    for n in range(1, len(ts)):  # a handful of steps: unrolled
+        a, s = process.alpha(ts[n]), process.sigma(ts[n])
+        std = jnp.sqrt(jnp.maximum(s * s - (a * s_min) ** 2, 0.0))
+        x_tau = a * x + std * step_noise(step_keys, n, x)
+        x = model_fn(params, x_tau, jnp.full((shape[0],), ts[n]), cond)
+    return x
+
+
+def consistency_sample(
+    model_fn: Callable,
+    params: Any,
+    process,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    ts: Sequence[float] | None = None,
+    cond: Any = None,
+    x_T: jax.Array | None = None,
+    first_index: int = 0,
+) -> tuple[jax.Array, dict]:
+    """Draw samples with a consistency function in ``len(ts)`` evaluations.
+
+    Sample ``i`` depends only on ``(key, first_index + i)``, as in
+    :func:`jaxgen.sampling.sample`: its starting noise is drawn from
+    ``fold_in(fold_in(key, first_index + i), 0)`` and the noise of step ``n``
+    from ``fold_in(fold_in(fold_in(key, first_index + i), 1), n)``.
+
+    Args:
+      model_fn: the consistency function ``model_fn(params, x_t, t, cond) -> x0``.
+        Compiled programs are cached on its identity: build it once, not per call.
+      params: its weights (traced: a new checkpoint never recompiles).
+      process: the process of its times (e.g. ``EDM()`` or ``TrigFlow()``).
+      key: PRNG key of the run.
+      shape: ``(B, ...)``.
+      ts: strictly decreasing times ``T = tau_0 > tau_1 > ... > t_min``; the
+        first is where sampling starts (default ``(process.t_max,)``: one step).
+      cond: conditioning pytree with leading axis ``B``, or ``None``.
+      x_T: starting point at ``ts[0]`` (already scaled); overrides the noise from ``key``.
+      first_index: index of the first sample of this batch within the run.
+
+    Returns:
+      ``(x0, {"nfe": len(ts), "timesteps": ts})``.
+    """
+    ts = np.asarray((process.t_max,) if ts is None else ts, np.float64)
+    if ts.ndim != 1 or ts.size < 1:
+        raise InputError(f"ts={ts}: give at least one time (steps >= 1).")
+    if not (np.all(np.diff(ts) < 0) and ts[-1] > process.t_min - 1e-12):
+        raise InputError(f"ts={ts} must decrease strictly and stay >= t_min={process.t_min:g}.")
+    if ts[0] > process.t_max * (1 + 1e-6):
+        raise InputError(f"ts starts at {ts[0]:g}, past t_max={process.t_max:g} of {process!r}.")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise InputError(f"shape={shape}: need (batch, ...) with every size >= 1.")
+    if x_T is not None and tuple(x_T.shape) != shape:
+        raise InputError(f"x_T has shape {tuple(x_T.shape)}; shape={shape}.")
+    ids = first_index + jnp.arange(shape[0])
+    ts_in = jnp.asarray(ts, jnp.result_type(float))
+    x = _run(model_fn, params, process, key, ids, shape, ts_in, x_T, cond)
+    return x, {"nfe": int(ts.size), "timesteps": ts.copy()}
+

@@ -1,0 +1,219 @@
+"""Progressive distillation, reflow and DMD2 on Gaussian data with exact teachers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxgen import diffusion as D
+from jaxgen import sampling
+from jaxgen.diffusion import distillation as T
+from jaxgen.errors import InputError
+from jaxgen.sampling.teacher import reflow_pairs
+
+MU = np.array([0.3, -0.2], np.float32)
+COV = np.array([[0.25, 0.06], [0.06, 0.09]], np.float32)
+GAUSS = D.GaussianMixture(MU[None], COV[None], np.ones(1))
+
+
+def test_progressive_target_makes_one_student_step_equal_two_teacher_ddim_steps():
+    process = D.VP("cosine", None)
+    teacher = GAUSS.denoiser(process)  # exact x0 model
+    ts = np.linspace(process.t_max, 0.0, 9)  # teacher: 8 steps; student: 4
+
+    @jax.jit
+    def student_step(z, t, t_mid, t_next):  # one DDIM step with the target as x0
+        target = T.progressive_target(teacher, None, z, t, t_mid, t_next, None,
+                                      process=process, prediction="x0")
+        eps = (z - process.alpha(t[0]) * target) / process.sigma(t[0])
+        return process.alpha(t_next[0]) * target + process.sigma(t_next[0]) * eps
+
+    for i in (0, 2, 3):  # first, middle and last (into t = 0) student step
+        t, t_mid, t_next = (jnp.full((16,), ts[2 * i + j], jnp.float32) for j in range(3))
+        z = process.alpha(t[0]) * GAUSS.sample(jax.random.key(i), 16) + process.sigma(
+            t[0]) * jax.random.normal(jax.random.key(10 + i), (16, 2))
+        one_step = student_step(z, t, t_mid, t_next)
+        two_steps, _ = sampling.sample(
+            model_fn=teacher, params=None, process=process, key=jax.random.key(0),
+            shape=(16, 2), prediction="x0", solver="ddim", steps=2,
+            grid=np.asarray(ts[2 * i : 2 * i + 3]), x_T=z,
+        )
+        # Same float32 arithmetic in another order: agreement to a few ulps of |z| <= ~4.
+        np.testing.assert_allclose(one_step, two_steps, rtol=1e-5, atol=1e-5)
+    # An eps teacher gives the same target (the prediction type is only a parametrisation).
+    eps_teacher = lambda p, x, t, c: D.convert(teacher(p, x, t, c), "x0", "eps", x_t=x, t=t,
+                                               process=process)
+    t, t_mid, t_next = (jnp.full((16,), ts[j], jnp.float32) for j in (2, 3, 4))
+    z = jax.random.normal(jax.random.key(3), (16, 2))
+    a, b = (jax.jit(lambda fn, kind=kind: T.progressive_target(
+        fn, None, z, t, t_mid, t_next, None, process=process, prediction=kind), static_argnums=0)(
+        fn) for fn, kind in ((teacher, "x0"), (eps_teacher, "eps")))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_progressive_loss_is_zero_for_a_student_that_predicts_the_target():
+    process = D.VP("cosine", None)
+    teacher = GAUSS.denoiser(process)
+    n = 4
+    dt = process.t_max / (2 * n)
+
+    def student(scale, z, t, cond):  # knows the teacher's uniform grid; scale 1 is exact
+        t_next = jnp.maximum(t - 2 * dt, 0.0)
+        return scale * T.progressive_target(teacher, None, z, t, t - dt, t_next, cond,
+                                            process=process, prediction="x0")
+
+    x0 = GAUSS.sample(jax.random.key(4), 64)
+    loss = jax.jit(lambda p: T.progressive_loss(
+        student, p, x0, None, jax.random.key(5), teacher_fn=teacher, teacher_params=None,
+        process=process, prediction="x0", student_steps=n))
+    per_ex, _ = loss(1.0)
+    assert per_ex.shape == (64,) and float(jnp.max(per_ex)) < 1e-9
+    wrong, _ = loss(0.9)
+    assert float(jnp.mean(wrong)) > 1e-3
+    with pytest.raises(InputError, match="needs 9"):
+        T.progressive_loss(student, None, x0, None, jax.random.key(5), teacher_fn=teacher,
+                           teacher_params=None, process=process, prediction="x0",
+                           student_steps=n, ts=np.linspace(1, 0, 5))
+
+
+def test_reflow_pairs_are_the_teacher_ode_endpoints():
+    process = D.Flow()
+    teacher = GAUSS.denoiser(process)
+    key = jax.random.key(6)
+    kw = dict(prediction="x0", solver="rk4", steps=16)
+    z, x0 = reflow_pairs(teacher, None, process, key, (8, 2), **kw)
+    # The linear-path PF-ODE of a Gaussian is linear with coefficients that are functions
+    # of Sigma: it maps z to mu + Sigma^(1/2) z (symmetric root). RK4 with 16 steps on this
+    # smooth field is accurate to ~1e-6 (float32 sums dominate).
+    e, u = np.linalg.eigh(COV)
+    np.testing.assert_allclose(x0, MU + z @ (u * np.sqrt(e)) @ u.T, atol=1e-4)
+    z3, x3 = reflow_pairs(teacher, None, process, key, (3, 2), **kw)
+    z5, x5 = reflow_pairs(teacher, None, process, key, (5, 2), first_index=3, **kw)
+    np.testing.assert_array_equal(np.concatenate([z3, z5]), z)
+    np.testing.assert_allclose(np.concatenate([x3, x5]), x0, atol=1e-6)
+    with pytest.raises(InputError, match="deterministic"):
+        reflow_pairs(teacher, None, process, key, (8, 2), prediction="x0", solver="ddpm")
+
+
+def test_reflow_loss_vanishes_on_a_straight_coupling():
+    # For the coupling x0 = mu + L z, x_t determines z, so the velocity z - x0 is a
+    # function of x_t: the flow is straight, reflow's fixed point (Liu et al. 2023), zero loss.
+    process = D.Flow()
+    chol = np.linalg.cholesky(COV).astype(np.float32)
+    z = jax.random.normal(jax.random.key(7), (64, 2))
+    x0 = MU + z @ chol.T
+
+    def straight(params, x_t, t, cond):
+        m = (1 - t)[:, None, None] * chol + t[:, None, None] * np.eye(2, dtype=np.float32)
+        zz = jnp.linalg.solve(m, (x_t - (1 - t)[:, None] * MU)[..., None])[..., 0]
+        return zz - (MU + zz @ chol.T)
+
+    per_ex, _ = T.reflow_loss(straight, None, z, x0, None, jax.random.key(8), process=process)
+    assert per_ex.shape == (64,) and float(jnp.max(per_ex)) < 1e-9
+    fresh = jax.random.normal(jax.random.key(9), (64, 2))  # an independent coupling is not
+    bad, _ = T.reflow_loss(straight, None, fresh, x0, None, jax.random.key(8), process=process)
+    assert float(jnp.mean(bad)) > 1e-2
+
+
+def _gaussian_denoiser(process):
+    """Exact x0 model of N(m, L L^T) with (m, L) the parameters: the fake score's family."""
+
+    def model_fn(params, x, t, cond):
+        m, chol = params["m"], jnp.tril(params["L"])
+        cov = chol @ chol.T
+        a, s = process.alpha(t)[:, None, None], process.sigma(t)[:, None, None]
+        c = a * a * cov + s * s * jnp.eye(2)
+        gain = a * cov @ jnp.linalg.inv(c)  # [B, 2, 2]
+        return m + jnp.einsum("bij,bj->bi", gain, x - a[:, :, 0] * m)
+
+    return model_fn
+
+
+def test_dmd_gradient_vanishes_when_fake_equals_real_and_points_to_the_data():
+    process = D.Flow()
+    real = GAUSS.denoiser(process)
+    fake_fn = _gaussian_denoiser(process)
+    generator = lambda p, z, c: p["m"] + z @ jnp.tril(p["L"]).T
+    noise = jax.random.normal(jax.random.key(11), (4096, 2))
+    exact = {"m": jnp.asarray(MU), "L": jnp.asarray(np.linalg.cholesky(COV))}
+
+    @jax.jit
+    def grad_at(gen_params):  # with the fake score equal to the generator's exact score
+        loss = lambda p: jnp.mean(T.dmd_loss(generator, p, noise, None, jax.random.key(12),
+                                             real_fn=real, real_params=None, fake_fn=fake_fn,
+                                             fake_params=gen_params, process=process,
+                                             prediction="x0")[0])
+        return jax.grad(loss)(gen_params)
+
+    # Fake = real (the generator already matches the data): the gradient is exactly 0
+    # up to float32 differences of two equal denoisers.
+    g = grad_at(exact)
+    assert max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(g)) < 1e-5
+    # A shifted generator (with the fake score that tracks it) is pulled towards the data.
+    shifted = {"m": exact["m"] + jnp.array([0.5, -0.3]), "L": exact["L"]}
+    g = grad_at(shifted)
+    assert float(jnp.dot(g["m"], shifted["m"] - exact["m"])) > 0
+
+
+def test_dmd_loss_gradient_is_the_normalised_score_difference():
+    # Generator = its own output (params are x): d loss / dx must be Eq. 7-8's
+    # (x0_fake - x0_real) / mean|x - x0_real| per example, divided by D (mean over elements).
+    process = D.Flow()
+    real, fake_fn = GAUSS.denoiser(process), _gaussian_denoiser(process)
+    fake = {"m": jnp.array([0.5, 0.1]), "L": jnp.array([[0.7, 0.0], [0.2, 0.4]])}
+    x = jax.random.normal(jax.random.key(14), (8, 2))
+    key, t_fixed = jax.random.key(15), lambda k, n, p: jnp.full((n,), 0.4)
+    loss = lambda x: jnp.sum(T.dmd_loss(lambda p, z, c: p, x, None, None, key, real_fn=real,
+                                        real_params=None, fake_fn=fake_fn, fake_params=fake,
+                                        process=process, prediction="x0",
+                                        time_sampler=t_fixed)[0])
+    grad = jax.jit(jax.grad(loss))(x)
+    eps = jax.random.normal(jax.random.split(key)[1], x.shape)
+    x_t = 0.6 * x + 0.4 * eps
+    t = jnp.full((8,), 0.4)
+    x0_real = np.asarray(real(None, x_t, t, None), np.float64)
+    x0_fake = np.asarray(fake_fn(fake, x_t, t, None), np.float64)
+    x64 = np.asarray(x, np.float64)
+    scale = np.mean(np.abs(x64 - x0_real), axis=1, keepdims=True)
+    np.testing.assert_allclose(grad, (x0_fake - x0_real) / scale / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dmd2_with_an_affine_generator_matches_the_data_covariance():
+    process = D.Flow()
+    real = GAUSS.denoiser(process)
+    fake_fn = _gaussian_denoiser(process)
+    generator = lambda p, z, c: p["m"] + z @ jnp.tril(p["L"]).T
+    gen = {"m": jnp.zeros(2), "L": jnp.eye(2)}
+    fake = {"m": jnp.zeros(2), "L": jnp.eye(2)}  # starts as the generator's distribution
+    steps = 600
+    # DMD2's two time-scale rule: several fake-score updates per generator update (5 here).
+    opt_g, opt_f = optax.adam(optax.cosine_decay_schedule(1e-2, steps)), optax.adam(2e-2)
+    kw = dict(process=process, prediction="x0")
+
+    def body(carry, key):
+        gen, fake, sg, sf = carry
+        k_z, k_f, k_g = jax.random.split(key, 3)
+        noise = jax.random.normal(k_z, (256, 2))
+        x = generator(gen, noise, None)
+
+        def fake_step(c, k):
+            fake, sf = c
+            loss = lambda p: jnp.mean(T.fake_score_loss(fake_fn, p, x, None, k, **kw)[0])
+            upd, sf = opt_f.update(jax.grad(loss)(fake), sf)
+            return (optax.apply_updates(fake, upd), sf), None
+
+        (fake, sf), _ = jax.lax.scan(fake_step, (fake, sf), jax.random.split(k_f, 5))
+        loss = lambda p: jnp.mean(T.dmd_loss(generator, p, noise, None, k_g, real_fn=real,
+                                             real_params=None, fake_fn=fake_fn,
+                                             fake_params=fake, **kw)[0])
+        upd, sg = opt_g.update(jax.grad(loss)(gen), sg)
+        return (optax.apply_updates(gen, upd), fake, sg, sf), None
+
+    run = jax.jit(lambda c, k: jax.lax.scan(body, c, jax.random.split(k, steps))[0])
+    gen, *_ = run((gen, fake, opt_g.init(gen), opt_f.init(fake)), jax.random.key(13))
+    chol = jnp.tril(gen["L"])
+    rel = np.linalg.norm(chol @ chol.T - COV) / np.linalg.norm(COV)
+    assert rel < 0.05, rel
+    np.testing.assert_allclose(gen["m"], MU, atol=0.05)
