@@ -128,7 +128,8 @@ def main() -> None:
         print("|---|---|---|---|")
         for name, ours, theirs in bench_encoders(args.runs, args.batch):
             ratio = "-" if theirs is None else f"{ours / theirs:.2f}"
-            print(f"| {name} | {ours:.2f} | {theirs or '-'} | {ratio} |")
+            theirs_s = "-" if theirs is None else f"{theirs:.2f}"
+            print(f"| {name} | {ours:.3f} | {theirs_s} | {ratio} |")
     seconds, peak = bench_cmmd(args.cmmd_n)
     print(f"| CMMD {args.cmmd_n} x {args.cmmd_n}, D=768, float64 | {seconds:.1f} s | "
           f"peak {peak:.0f} MiB |")

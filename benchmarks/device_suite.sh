@@ -5,7 +5,7 @@
 #
 #   benchmarks/device_suite.sh              # on the accelerator machine, from the repository
 #   benchmarks/device_suite.sh --smoke      # tiny sizes: checks that it runs, on any CPU
-#   benchmarks/device_suite.sh --remat --peak-tflops 459
+#   benchmarks/device_suite.sh --no-remat --train-batch 64 --peak-tflops 459
 #
 # Extra arguments go to benchmarks/device_suite.py (see its --help). The run is stopped after
 # SUITE_TIMEOUT seconds (default 480) so that it never outlives a lent machine's budget.

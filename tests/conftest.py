@@ -47,3 +47,15 @@ def module_compile_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     yield
     jax.config.update("jax_compilation_cache_dir", old)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> str:
+    """An ADM-layout npz of test_train's tiny labelled 8x8 images (``config.data.source``)."""
+    import numpy as np
+    from test_train import tiny_images
+
+    images, labels = tiny_images()
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, arr_0=images, arr_1=labels)
+    return str(path)

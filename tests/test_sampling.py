@@ -334,6 +334,7 @@ def test_all_prediction_types_give_the_same_trajectory(process, solver, options)
                     None,
                     None,
                 ),
+                None,
                 key,
                 0,
                 ts,
@@ -341,6 +342,7 @@ def test_all_prediction_types_give_the_same_trajectory(process, solver, options)
                 None,
                 None,
                 S.Guidance(1.0).dynamic(),
+                None,
             )
             for pred in preds
         }

@@ -53,15 +53,6 @@ def tiny_images(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> str:
-    """An ADM-layout npz of the tiny images, usable as ``config.data.source``."""
-    images, labels = tiny_images()
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, arr_0=images, arr_1=labels)
-    return str(path)
-
-
 def tiny_config(source: str, **overrides) -> ml_collections.ConfigDict:
     """The default recipe shrunk to a 45k-parameter U-Net on 8x8 images, no FID."""
     c = default_config.get_config()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import batch_of, leaves, setup_of, tiny_config, tiny_images
+from test_train import batch_of, leaves, setup_of, tiny_config
 
 from jaxgen import diffusion
 from jaxgen.errors import InputError
@@ -26,14 +26,6 @@ from jaxgen.train import (
 )
 
 pytestmark = pytest.mark.usefixtures("module_compile_cache")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> str:
-    images, labels = tiny_images()
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, arr_0=images, arr_1=labels)
-    return str(path)
 
 
 def test_mixed_size_folder_trains_at_data_resolution(tmp_path):

@@ -24,7 +24,7 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from orbax.checkpoint._src.path import gcs_utils
 from PIL import Image
-from test_train import tiny_config, tiny_images  # tests/ is on sys.path under pytest
+from test_train import tiny_config  # tests/ is on sys.path under pytest
 
 from jaxgen import sample
 from jaxgen.files import GrowingFile, is_local, open_atomic
@@ -115,14 +115,6 @@ def bucket(tmp_path, monkeypatch) -> FakeBucket:
     monkeypatch.chdir(cwd)
     yield fake
     assert not os.listdir(cwd), f"written to the current folder: {os.listdir(cwd)}"
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> str:
-    images, labels = tiny_images()
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, arr_0=images, arr_1=labels)
-    return str(path)
 
 
 # test_train's tiny model with one resolution and one EMA: half the compilation time. The

@@ -32,14 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> str:
-    images, labels = tiny_images()
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, arr_0=images, arr_1=labels)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def done(data_file, tmp_path_factory):
     """A finished 4-step run (checkpoints at 2 and 4): ``(state, workdir)``."""
     workdir = tmp_path_factory.mktemp("done")

@@ -71,13 +71,18 @@ def make_process(cfg: ml_collections.ConfigDict):
     kwargs = {k: tuple(v) if isinstance(v, list) else v
               for k, v in dict(cfg.get("process_kwargs", {})).items()}
     if cfg.process == "edm":
-        if "sigma_data" in kwargs:
-            raise InputError(
-                "diffusion.process_kwargs.sigma_data: set diffusion.sigma_data instead (the one "
-                "value the process, the preconditioning and the weighting share)."
-            )
-        kwargs["sigma_data"] = cfg.sigma_data
+        _add_sigma_data(kwargs, cfg, "process_kwargs")
     return PROCESSES[cfg.process](**kwargs)
+
+
+def _add_sigma_data(kwargs: dict, cfg: ml_collections.ConfigDict, where: str) -> None:
+    """``kwargs["sigma_data"] = diffusion.sigma_data``, refusing a second value in ``where``."""
+    if "sigma_data" in kwargs:
+        raise InputError(
+            f"diffusion.{where}.sigma_data: set diffusion.sigma_data instead (the one value "
+            "the process, the preconditioning and the weighting share)."
+        )
+    kwargs["sigma_data"] = cfg.sigma_data
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -367,12 +372,7 @@ def _weighting(cfg: ml_collections.ConfigDict):
         )
     kwargs = dict(cfg.get("weighting_kwargs", {}))
     if cfg.weighting == "edm":
-        if "sigma_data" in kwargs:
-            raise InputError(
-                "diffusion.weighting_kwargs.sigma_data: set diffusion.sigma_data instead (the one "
-                "value the process, the preconditioning and the weighting share)."
-            )
-        kwargs["sigma_data"] = cfg.sigma_data
+        _add_sigma_data(kwargs, cfg, "weighting_kwargs")
     return diffusion.WEIGHTINGS[cfg.weighting](**kwargs) if kwargs else cfg.weighting
 
 

@@ -1,0 +1,59 @@
+"""Training speed of the README's default job (Fashion-MNIST U-Net, flow matching).
+
+Runs ``python -m jaxgen.train --config configs/fashion_mnist.py`` for a few minutes of
+training from each given checkout (e.g. this one and a ``git worktree`` of an older
+commit), one after the other, and prints the median of the logged ``steps_per_s``
+(every 50 steps; the first window, which holds the compilation, is left out):
+
+    git worktree add /tmp/jaxgen-old <commit>
+    python benchmarks/bench_default_job.py --repos . /tmp/jaxgen-old --minutes 2
+
+Each checkout runs with its own code (``PYTHONPATH`` and working directory set to it)
+and its own defaults for devices (the current trainer splits the batch over one
+CPU device per core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def steps_per_second(repo: Path, minutes: float) -> tuple[float, int]:
+    """Median logged steps/s after the first window, and the steps trained."""
+    with tempfile.TemporaryDirectory() as workdir:
+        cmd = [sys.executable, "-m", "jaxgen.train", "--config", "configs/fashion_mnist.py",
+               "--workdir", workdir, f"--config.train.minutes={minutes}",
+               "--config.eval.fid_samples=0", "--config.eval.every_steps=0",
+               "--config.eval.at_minutes=()", "--config.checkpoint.every_steps=100000"]
+        env = dict(os.environ, PYTHONPATH=str(repo))
+        env.pop("XLA_FLAGS", None)
+        subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        records = [json.loads(line) for line in
+                   Path(workdir, "metrics.jsonl").read_text().splitlines()]
+    rates = [r["steps_per_s"] for r in records if "steps_per_s" in r][1:]
+    return float(np.median(rates)), max(r["step"] for r in records)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repos", nargs="+", type=Path, default=[Path(".")])
+    p.add_argument("--minutes", type=float, default=2.0)
+    args = p.parse_args()
+    rows = [(repo, *steps_per_second(repo.resolve(), args.minutes)) for repo in args.repos]
+    print(f"| checkout | steps/s (median) | steps in {args.minutes:g} min | ratio to first |")
+    print("|---|---|---|---|")
+    for repo, rate, steps in rows:
+        print(f"| {repo} | {rate:.2f} | {steps} | {rate / rows[0][1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
