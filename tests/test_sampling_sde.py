@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sampling import MIXTURE, as_prediction  # the shared mixture and exact model
 
 from jaxgen import diffusion as D
 from jaxgen import sampling as S
@@ -14,23 +15,6 @@ from jaxgen.errors import InputError
 from jaxgen.sampling import solvers
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kdiffusion_reference.npz"
-MIXTURE = D.GaussianMixture(
-    np.array([[1.0, 0.0], [-1.0, 0.5]]),
-    np.array([[[0.1, 0.03], [0.03, 0.08]], 0.2 * np.eye(2)]),
-    np.array([0.3, 0.7]),
-)
-
-
-def as_prediction(x0_fn, process, prediction):
-    """An ``x0`` model turned into a model of another prediction type (exact conversion)."""
-
-    def model_fn(params, x, t, cond):
-        x0 = x0_fn(params, x, t, cond)
-        return D.convert(x0, "x0", prediction, x_t=x, t=t, process=process)
-
-    return model_fn
-
-
 def _kdiffusion_cases():
     ref = np.load(FIXTURE)
     return [
