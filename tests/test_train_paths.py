@@ -29,7 +29,7 @@ from test_train import tiny_config  # tests/ is on sys.path under pytest
 from jaxgen import sample
 from jaxgen.files import GrowingFile, is_local, open_atomic
 from jaxgen.metrics import GaussianStats
-from jaxgen.train import Checkpointer, read_events, reference_stats, train_and_evaluate
+from jaxgen.train import Checkpointer, read_scalars, reference_stats, train_and_evaluate
 from jaxgen.train import evaluation as evaluation_module
 
 # Compilations are reused between the runs of the module (identical configs, identical HLO).
@@ -142,7 +142,7 @@ def test_train_resume_and_sample_in_a_bucket(bucket, data_file, capfd):
     assert "sample_seconds" in records[-1]
     events = sorted(epath.Path(f"{workdir}/tb").iterdir())  # one event file per run
     assert len(events) == 2
-    assert sorted(s for e in events for s, _ in read_events(e)) == [0, 1, 2, 3, 4, 4]
+    assert [s for s, _ in read_scalars(f"{workdir}/tb")] == [0, 1, 2, 3, 4, 4]
     assert Image.open(f"{run}/samples/00000004.png").size == (8 * 10 + 2, 8 * 10 + 2)
 
     argv = ["--workdir", workdir, "--num", "4", "--steps", "2", "--batch-size", "4",

@@ -23,6 +23,7 @@ from jaxgen.train import (
     TrainingInterrupted,
     load_run,
     loop,
+    read_scalars,
     train_and_evaluate,
 )
 from jaxgen.train.workdir import config_differences
@@ -167,6 +168,49 @@ def test_resume_does_not_duplicate_logged_steps(data_file, done, tmp_path):
     train_and_evaluate(tiny_config(data_file), str(workdir))
     steps = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]
+    # TensorBoard: the second event file discards the first one's steps 3 and 4.
+    assert len(list((workdir / "tb").iterdir())) == 2
+    assert [s for s, _ in read_scalars(workdir / "tb")] == [0, 1, 2, 3, 4]
+
+
+def test_a_full_disk_while_training_is_one_error_naming_the_checkpoint(data_file, tmp_path,
+                                                                       monkeypatch, capfd):
+    from etils import epath
+
+    from jaxgen.files import describe_os_error
+
+    write_text = epath.Path.write_text
+
+    def full(self, *args, **kwargs):  # orbax writes a checkpoint's metadata this way
+        if "checkpoints" in os.fspath(self):
+            raise OSError(28, "No space left on device")  # as raised there: no file name
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(epath.Path, "write_text", full)
+    workdir = tmp_path / "run"
+    with pytest.raises(OSError) as e:
+        train_and_evaluate(tiny_config(data_file), str(workdir))
+    line = describe_os_error(e.value)
+    assert line.startswith(f"{workdir / 'checkpoints' / '2'}: No space left on device (")
+    assert "free on the disk of" in line
+    assert "Traceback" not in capfd.readouterr().err  # orbax's logged copy is dropped
+    assert not (workdir / ".lock").exists()
+
+
+def test_a_failed_start_leaves_nothing_behind(data_file, tmp_path, monkeypatch):
+    def fails(self):
+        raise InputError("the FID reference cannot be read")
+
+    monkeypatch.setattr(loop._Evaluator, "prepare", fails)
+    new = tmp_path / "new"
+    with pytest.raises(InputError, match="FID reference"):
+        train_and_evaluate(tiny_config(data_file), str(new))
+    assert not new.exists()  # the folder it made is gone
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(InputError, match="FID reference"):
+        train_and_evaluate(tiny_config(data_file), str(existing))
+    assert list(existing.iterdir()) == []  # no config.json, no lock, no logs
 
 
 _KILLABLE = """

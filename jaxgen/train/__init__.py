@@ -38,7 +38,7 @@ from jaxgen.train.state import (
     make_train_step,
     state_shardings,
 )
-from jaxgen.train.writers import MetricWriter, TensorBoardWriter, read_events
+from jaxgen.train.writers import MetricWriter, TensorBoardWriter, read_events, read_scalars
 
 __all__ = [
     "PROCESSES",
@@ -66,6 +66,7 @@ __all__ = [
     "make_setup",
     "make_train_step",
     "read_events",
+    "read_scalars",
     "reference_stats",
     "sample_images",
     "save_png",

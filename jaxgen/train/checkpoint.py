@@ -72,6 +72,32 @@ def _quiet():
             lg.setLevel(level)
 
 
+class _DropPropagatedOSErrors(logging.Filter):
+    """Orbax's writer thread logs a failed write (a full disk) with its whole traceback,
+    then :meth:`Checkpointer.wait` raises the same error in the training thread, where it
+    becomes one line; the logged copy is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, OSError) and "orbax" in record.pathname)
+
+
+_DROP_OS_ERRORS = _DropPropagatedOSErrors()
+logging.getLogger("absl").addFilter(_DROP_OS_ERRORS)
+
+
+@contextlib.contextmanager
+def _naming(folder: epath.Path):
+    """Give an ``OSError`` raised while writing a checkpoint the checkpoint's folder as its
+    file name when it has none (orbax's writes raise ``[Errno 28]`` without a path)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(folder)) from e
+
+
 class Checkpointer:
     """Saves and restores ``(state, extra)`` pairs under ``DIR/checkpoints``.
 
@@ -100,6 +126,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=False, enable_async_checkpointing=True,
             read_only=not writable,
+            # A trainer (which holds the workdir's lock) removes the temporary folders of
+            # saves that never completed (a kill, a full disk); they hold no checkpoint.
+            cleanup_tmp_directories=writable,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._unsummed: list[int] = []
@@ -119,20 +148,27 @@ class Checkpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   extra=ocp.args.JsonSave(extra))
-        self._manager.save(step, args=args, force=True)
         self._unsummed.append(step)
+        with _naming(self.directory / str(step)):
+            self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
-        """Return when every checkpoint started is complete on disk, with its checksums."""
-        self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            for step in self._unsummed:
-                folder = self.directory / str(step)
-                if folder.exists():  # not already dropped by keep=K
-                    digests = json.dumps(_digests(folder), indent=0).encode()
-                    with open_atomic(folder / CHECKSUMS) as f:
-                        f.write(digests)
-        self._unsummed = []
+        """Return when every checkpoint started is complete on disk, with its checksums.
+
+        Raises:
+          OSError: a checkpoint could not be written (a full disk); it names the
+            checkpoint's folder. The checkpoints completed before it are intact.
+        """
+        pending, self._unsummed = self._unsummed, []
+        with _naming(self.directory / str(pending[-1] if pending else "")):
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                for step in pending:
+                    folder = self.directory / str(step)
+                    if folder.exists():  # not already dropped by keep=K
+                        digests = json.dumps(_digests(folder), indent=0).encode()
+                        with open_atomic(folder / CHECKSUMS) as f:
+                            f.write(digests)
 
     def verify(self, step: int) -> None:
         """Check ``step``'s files against their recorded checksums (none recorded: accepted).

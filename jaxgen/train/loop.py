@@ -374,23 +374,28 @@ def train_and_evaluate(
     rewrite_config = check_config(workdir_path, config_json, allow_config_change)
     setup, source = build(config, module=module, loss_fn=loss_fn)
     lock = WorkdirLock(workdir_path)
+    created = main and not workdir_path.exists()
     if main:
         workdir_path.mkdir(parents=True, exist_ok=True)
     lock.acquire()
+    started = []  # set once the start-up has succeeded and the run begins to write
     try:
         return _train(config, workdir_path, setup, source, lock, rewrite_config and main,
-                      config_json)
+                      config_json, started)
+    except BaseException:
+        if created and not started:  # a failed start leaves no trace of the folder it made
+            lock.release()
+            workdir_path.rmtree(missing_ok=True)
+        raise
     finally:
         lock.release()
 
 
-def _train(config, workdir_path, setup, source, lock, write_config: bool, config_json: str):
+def _train(config, workdir_path, setup, source, lock, write_config: bool, config_json: str,
+           started: list):
     main = jax.process_index() == 0
     ckpt = Checkpointer(workdir_path / "checkpoints", keep=config.checkpoint.keep)
     restored = ckpt.restore_latest(abstract_state(setup))
-    if write_config:
-        with open_atomic(workdir_path / "config.json") as f:
-            f.write(config_json.encode())
     if restored is None:
         state, extra = init_state(setup, config.seed), {"data": None, "train_seconds": 0.0}
     else:
@@ -402,10 +407,15 @@ def _train(config, workdir_path, setup, source, lock, write_config: bool, config
         state=extra["data"],
     )
     train_step = make_train_step(setup)
-    # Records past the checkpoint (logged before a crash) are dropped: no step twice.
-    writer = MetricWriter(workdir_path, enabled=main, after=int(state.step))
     evaluator = _Evaluator(setup, workdir_path)
     evaluator.prepare()
+    # The start-up can no longer fail: from here on the run writes (config first).
+    if write_config:
+        with open_atomic(workdir_path / "config.json") as f:
+            f.write(config_json.encode())
+    started.append(True)
+    # Records past the checkpoint (logged before a crash) are dropped: no step twice.
+    writer = MetricWriter(workdir_path, enabled=main, after=int(state.step))
     if main and restored is None:
         n = count_params(state.params)
         writer.write(0, {"params": n})

@@ -65,12 +65,18 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _event(wall_time: float, step: int, *, summary: bytes = b"", file_version: str = "") -> bytes:
+_SESSION_START = b"\x08\x01"  # SessionLog{status: START}
+
+
+def _event(wall_time: float, step: int, *, summary: bytes = b"", file_version: str = "",
+           session_log: bytes = b"") -> bytes:
     msg = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
     if file_version:
         msg += _field(3, file_version.encode())
     if summary:
         msg += _field(5, summary)
+    if session_log:
+        msg += _field(7, session_log)
     return msg
 
 
@@ -87,13 +93,19 @@ class TensorBoardWriter:
 
     Args:
       logdir: folder TensorBoard is pointed at (created if missing).
+      purge_after: a resumed run's step. The new file starts with a session-start
+        event at ``purge_after + 1``, on which TensorBoard discards the events of
+        that step and later from the files before it (its "orphaned data" purge):
+        steps logged past the last checkpoint of a killed run are not shown twice.
     """
 
-    def __init__(self, logdir: str | os.PathLike) -> None:
+    def __init__(self, logdir: str | os.PathLike, purge_after: int | None = None) -> None:
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
         self.path = epath.Path(logdir) / name
         self._file = GrowingFile(self.path)
         self._write(_event(time.time(), 0, file_version="brain.Event:2"))
+        if purge_after is not None:
+            self._write(_event(time.time(), purge_after + 1, session_log=_SESSION_START))
 
     def _write(self, record: bytes) -> None:
         header = struct.pack("<Q", len(record))
@@ -112,7 +124,8 @@ class TensorBoardWriter:
 def read_events(path: str | os.PathLike) -> list[tuple[int, dict[str, float]]]:
     """``(step, {tag: value})`` of every scalar event in a file, checksums verified.
 
-    The inverse of :class:`TensorBoardWriter`, for tests and quick inspection.
+    The inverse of :class:`TensorBoardWriter`, for tests and quick inspection. A
+    session-start event appears as ``(step, None)``.
     """
     data = epath.Path(path).read_bytes()
     out, pos = [], 0
@@ -127,9 +140,25 @@ def read_events(path: str | os.PathLike) -> list[tuple[int, dict[str, float]]]:
         ):
             raise ValueError(f"{path}: bad data checksum at byte {pos}.")
         pos += 16 + length
-        step, scalars = _parse_event(record)
-        if scalars:
+        step, scalars, start = _parse_event(record)
+        if start:
+            out.append((step, None))
+        elif scalars:
             out.append((step, scalars))
+    return out
+
+
+def read_scalars(logdir: str | os.PathLike) -> list[tuple[int, dict[str, float]]]:
+    """What TensorBoard shows for ``logdir``: the scalar events of its event files in
+    name (creation) order, where a session-start event at step ``s`` discards the
+    events of steps ``>= s`` read before it (TensorBoard's ``purge_orphaned_data``)."""
+    out: list[tuple[int, dict[str, float]]] = []
+    for path in sorted(epath.Path(logdir).glob("events.out.tfevents.*")):
+        for step, scalars in read_events(path):
+            if scalars is None:
+                out = [(s, v) for s, v in out if s < step]
+            else:
+                out.append((step, scalars))
     return out
 
 
@@ -160,11 +189,13 @@ def _fields(buf: bytes):
         yield number, value
 
 
-def _parse_event(record: bytes) -> tuple[int, dict[str, float]]:
-    step, scalars = 0, {}
+def _parse_event(record: bytes) -> tuple[int, dict[str, float], bool]:
+    step, scalars, start = 0, {}, False
     for number, value in _fields(record):
         if number == 2:
             step = value
+        elif number == 7:
+            start = any(n == 1 and v == 1 for n, v in _fields(value))
         elif number == 5:
             for _, v in _fields(value):
                 tag, x = "", math.nan
@@ -174,7 +205,7 @@ def _parse_event(record: bytes) -> tuple[int, dict[str, float]]:
                     elif n == 2:
                         (x,) = struct.unpack("<f", w)
                 scalars[tag] = x
-    return step, scalars
+    return step, scalars, start
 
 
 def _drop_records_after(path: epath.Path, step: int) -> None:
@@ -196,8 +227,8 @@ class MetricWriter:
       enabled: whether this process writes (``jax.process_index() == 0``).
       after: a resumed run's step: records of later steps (logged before the
         run stopped, past its last checkpoint) are removed from ``metrics.jsonl``
-        so that no step appears twice. TensorBoard shows the newest value of a
-        step, so its event files are left as they are.
+        so that no step appears twice; TensorBoard is told to discard them from
+        its event files (see :class:`TensorBoardWriter`).
     """
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
@@ -207,8 +238,10 @@ class MetricWriter:
             self.jsonl = epath.Path(workdir) / "metrics.jsonl"
             if after is not None and self.jsonl.exists():
                 _drop_records_after(self.jsonl, after)
+            resumed = after is not None and self.jsonl.exists()  # something was logged before
+            self._tb = TensorBoardWriter(epath.Path(workdir) / "tb",
+                                         purge_after=after if resumed else None)
             self._jsonl = GrowingFile(self.jsonl)
-            self._tb = TensorBoardWriter(epath.Path(workdir) / "tb")
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Append ``{"step": step, **values}`` to the JSONL file and the event file."""
