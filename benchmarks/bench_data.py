@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from jaxgen import data
+from jaxgen.metrics.eval_parts import iterate_eval
 
 
 def _write_pngs(root: Path, n: int, size: int = 64) -> None:
@@ -95,7 +96,7 @@ def main() -> None:
         )
 
         def evaluate() -> int:
-            return sum(len(b) for b in data.iterate_eval(folder, 250))
+            return sum(len(b) for b in iterate_eval(folder, 250))
 
         rate, rates = _median_rate(evaluate, args.runs)
         print(

@@ -1,9 +1,10 @@
 """Training speed of the README's default job (Fashion-MNIST U-Net, flow matching).
 
-Runs ``python -m jaxgen.train --config configs/fashion_mnist.py`` for a few minutes of
-training from each given checkout (e.g. this one and a ``git worktree`` of an older
-commit), one after the other, and prints the median of the logged ``steps_per_s``
-(every 50 steps; the first window, which holds the compilation, is left out):
+Runs ``python -m jaxgen.train --config jaxgen/configs/fashion_mnist.py`` (``configs/`` in
+commits before the recipes moved into the package) for a few minutes of training from
+each given checkout (e.g. this one and a ``git worktree`` of an older commit), one after
+the other, and prints the median of the logged ``steps_per_s`` (every 50 steps; the
+first window, which holds the compilation, is left out):
 
     git worktree add /tmp/jaxgen-old <commit>
     python benchmarks/bench_default_job.py --repos . /tmp/jaxgen-old --minutes 2
@@ -28,8 +29,11 @@ import numpy as np
 
 def steps_per_second(repo: Path, minutes: float) -> tuple[float, int]:
     """Median logged steps/s after the first window, and the steps trained."""
+    # The recipe's place in that checkout: jaxgen/configs/ now, configs/ in older commits.
+    config = next(p for p in ("jaxgen/configs/fashion_mnist.py", "configs/fashion_mnist.py")
+                  if (repo / p).exists())
     with tempfile.TemporaryDirectory() as workdir:
-        cmd = [sys.executable, "-m", "jaxgen.train", "--config", "configs/fashion_mnist.py",
+        cmd = [sys.executable, "-m", "jaxgen.train", "--config", config,
                "--workdir", workdir, f"--config.train.minutes={minutes}",
                "--config.eval.fid_samples=0", "--config.eval.every_steps=0",
                "--config.eval.at_minutes=()", "--config.checkpoint.every_steps=100000"]

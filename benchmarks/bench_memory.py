@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py                          # DiT-XL/2, 8/32/256 devices
     python benchmarks/bench_memory.py --devices 8 --remat on --scan
+    python benchmarks/bench_memory.py --model edm2-xxl --resolution 64 --remat off
 
 The train step of ``benchmarks/bench_train.py`` (loss, gradient, clipping,
 AdamW, EMA; float32 master weights, ``--dtype`` compute) is lowered for a
@@ -57,13 +58,19 @@ def measure(model: str, devices: int, batch: int, dtype: str, remat: bool, scan:
     from jaxgen.parallel import batch_sharding, make_mesh
 
     jax.config.update("jax_num_cpu_devices", devices)
-    module = create_model(model, dtype=jnp.dtype(dtype), remat=remat, scan_blocks=scan)
+    options = dict(remat=remat, scan_blocks=scan) if model.startswith("DiT") else {}
+    if not model.startswith("DiT") and (remat or scan):
+        raise SystemExit(f"{model}: --remat on and --scan apply to DiT models only.")
+    module = create_model(model, dtype=jnp.dtype(dtype), **options)
     S = jax.ShapeDtypeStruct
     x0 = S((batch, resolution, resolution, 4), jnp.float32)
     cond = {"label": S((batch,), jnp.int32)}
     boxed = abstract_init(module, x0, S((batch,), jnp.float32), cond)
     mesh = make_mesh(fsdp=fsdp_size(boxed, devices))
     params = nn.unbox(boxed)["params"]
+    # Collections besides the weights (EDM2's Fourier buffers, a few KiB): constants.
+    constants = {name: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+                 for name, tree in nn.unbox(boxed).items() if name != "params"}
     p_shard = nn.unbox(param_shardings(boxed, mesh))["params"]
     opt = jax.eval_shape(make_optimizer().init, params)
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -76,7 +83,7 @@ def measure(model: str, devices: int, batch: int, dtype: str, remat: bool, scan:
     data = batch_sharding(mesh)
     start = time.perf_counter()
     compiled = jax.jit(
-        make_train_step(module),
+        make_train_step(module, constants),
         in_shardings=(state_shard, data, data),
         out_shardings=(state_shard, rep),
         donate_argnums=0,
@@ -126,12 +133,14 @@ def main() -> None:
     """Run one compilation per (device count, remat) in a fresh process; print the table."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="DiT-XL/2", help="a jaxgen DiT name")
+    p.add_argument("--model", default="DiT-XL/2",
+                   help="a jaxgen DiT name, or an EDM2 preset (edm2-xxl: 64x64x4 latents)")
     p.add_argument("--devices", type=int, nargs="+", default=[8, 32, 256])
     p.add_argument("--batch", type=int, default=256, help="global batch")
     p.add_argument("--resolution", type=int, default=32, help="latent height and width")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    p.add_argument("--remat", choices=("on", "off", "both"), default="both")
+    p.add_argument("--remat", choices=("on", "off", "both"), default="both",
+                   help="DiT only; give --remat off for other models")
     p.add_argument("--scan", action="store_true", help="nn.scan over the DiT blocks")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process
     args = p.parse_args()

@@ -83,11 +83,13 @@ def time_runs(step: Callable[[], None], sync: Callable[[], None], steps: int) ->
 # ---------------------------------------------------------------- jaxgen
 
 
-def make_train_step(module: nn.Module) -> Callable:
+def make_train_step(module: nn.Module, constants: dict | None = None) -> Callable:
     """``train_step(state, x0, cond) -> (state, loss)``, ``state = (params, ema, opt_state, key)``.
 
     The eps-prediction loss of a cosine VP process (``jaxgen.diffusion.loss``),
     its gradient, global-norm clipping, AdamW and the EMA, as described above.
+    ``constants``: the module's variable collections other than ``params`` (EDM2's
+    ``buffers``), passed to every call unchanged.
     """
     process = diffusion.VP(schedule="cosine", num_steps=None)
     tx = make_optimizer()
@@ -98,7 +100,7 @@ def make_train_step(module: nn.Module) -> Callable:
 
         def model_fn(p, x_t, t, c):
             # 1000 t: DDPM's and DiT's embeddings expect the step index.
-            out = module.apply({"params": p}, x_t, 1000 * t, c, train=True,
+            out = module.apply({"params": p, **(constants or {})}, x_t, 1000 * t, c, train=True,
                                rngs={"dropout": k_model})
             return out[..., : x_t.shape[-1]]  # the prediction, without a learned variance
 
@@ -200,15 +202,15 @@ def torch_trainer(pair: str, shape, batch: int, num_classes: int):
 
 
 def default_recipe_trainer(batch: int | None):
-    """jaxgen.train's own step for ``configs/fashion_mnist.py`` (the README's main job)."""
-    from configs import fashion_mnist
-    from jaxgen.train import init_state, make_setup, make_train_step
+    """jaxgen.train's own step for ``jaxgen/configs/fashion_mnist.py`` (the README's main job)."""
+    from jaxgen.configs import fashion_mnist
+    from jaxgen.train import init_state, make_run_parts, make_train_step
 
     config = fashion_mnist.get_config()
     batch = batch or config.data.batch_size
-    setup = make_setup(config, make_mesh(), (28, 28, 1), 10_000)
-    box = {"state": init_state(setup, seed=0), "m": None}
-    step_fn = make_train_step(setup)
+    parts = make_run_parts(config, make_mesh(), (28, 28, 1), 10_000)
+    box = {"state": init_state(parts, seed=0), "m": None}
+    step_fn = make_train_step(parts)
     rng = np.random.default_rng(0)
     data = {"image": jnp.asarray(rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)),
             "label": jnp.asarray(rng.integers(0, 10, (batch,)), jnp.int32)}

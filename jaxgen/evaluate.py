@@ -24,6 +24,7 @@ import json
 from jaxgen import cli
 from jaxgen.errors import InputError
 from jaxgen.files import as_path, check_outputs, check_writable, describe_os_error, open_atomic
+from jaxgen.metrics import defaults
 from jaxgen.metrics.encoder_eval import DINOV2_FEATURE_METRICS, ENCODER_METRICS, evaluate_encoders
 from jaxgen.metrics.evaluate import METRICS, evaluate
 
@@ -46,17 +47,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="network of fid,kid,pr,dc,fid_inf (dinov2: ViT-L/14 CLS, dgm-eval input)")
     p.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 file (default: $JAXGEN_CACHE)")
     p.add_argument("--clip-weights", help="CLIP ViT-L/14-336 file (default: $JAXGEN_CACHE)")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--inf-points", type=int, default=15, help="FID-inf/IS-inf: fitted points")
-    p.add_argument("--inf-min-n", type=int, default=5000, help="FID-inf/IS-inf: smallest N")
-    p.add_argument("--seed", type=int, default=0, help="seed of KID's and FID-inf's draws")
+    # Defaults: jaxgen.metrics.defaults, which the Python API reads too.
+    p.add_argument("--kid-subsets", type=int, default=defaults.KID_SUBSETS,
+                   help="KID: random subsets (default: %(default)s)")
+    p.add_argument("--kid-subset-size", type=int, default=defaults.KID_SUBSET_SIZE,
+                   help="KID: images per subset (default: %(default)s)")
+    p.add_argument("--pr-k", type=int, default=defaults.PR_K,
+                   help="precision/recall: k nearest neighbours (default: %(default)s)")
+    p.add_argument("--dc-k", type=int, default=defaults.DC_K,
+                   help="density/coverage: k nearest neighbours (default: %(default)s)")
+    p.add_argument("--is-splits", type=int, default=defaults.IS_SPLITS,
+                   help="IS: splits (default: %(default)s)")
+    p.add_argument("--is-seed", type=int, default=defaults.IS_SEED,
+                   help="IS: seed of a row shuffle before splitting (default: rows in order, as "
+                        "the original IS code and ADM; 2020 reproduces torch-fidelity)")
+    p.add_argument("--inf-points", type=int, default=defaults.INF_POINTS,
+                   help="FID-inf/IS-inf: fitted points (default: %(default)s)")
+    p.add_argument("--inf-min-n", type=int, default=defaults.INF_MIN_N,
+                   help="FID-inf/IS-inf: smallest N (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.SEED,
+                   help="seed of KID's and FID-inf/IS-inf's draws (default: %(default)s)")
     p.add_argument("--num-real", type=int, help="use only the first N real images")
     p.add_argument("--num-fake", type=int, help="use only the first N fake images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    cli.check_positive(args, "batch_size", "kid_subsets", "kid_subset_size", "num_real",
-                       "num_fake")
+    cli.check_positive(args, "batch_size", "kid_subsets", "kid_subset_size", "pr_k", "dc_k",
+                       "is_splits", "num_real", "num_fake")
     for flag, value in (("--inf-points", args.inf_points), ("--inf-min-n", args.inf_min_n)):
         if value < 2:  # a line through at least 2 points, each a score of at least 2 samples
             raise InputError(f"{flag} {value}: must be at least 2.")
@@ -78,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     on_encoders = [m for m in metrics if m in ENCODER_METRICS
                    or (args.features == "dinov2" and m in DINOV2_FEATURE_METRICS)]
     scores = dict(kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-                  inf_points=args.inf_points, inf_min_n=args.inf_min_n, seed=args.seed)
+                  pr_k=args.pr_k, dc_k=args.dc_k, is_splits=args.is_splits,
+                  is_seed=args.is_seed, inf_points=args.inf_points, inf_min_n=args.inf_min_n,
+                  seed=args.seed)
     common = dict(batch_size=args.batch_size, num_real=args.num_real, num_fake=args.num_fake,
                   progress=not args.no_progress)
     result = {}

@@ -16,7 +16,7 @@ import argparse
 from jaxgen import cli
 from jaxgen.data import open_source
 from jaxgen.files import as_path, check_outputs, check_writable
-from jaxgen.metrics.evaluate import FeatureNeeds, Side, featurize
+from jaxgen.metrics.evaluate import EvalInput, FeatureRequest, featurize
 from jaxgen.metrics.features import FeatureExtractor, default_batch_size
 from jaxgen.metrics.stats import save_stats
 
@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out, "OUT")
     from jaxgen.metrics.weights import load_inception
 
-    side = Side(args.source, source=open_source(args.source))
+    side = EvalInput(args.source, source=open_source(args.source))
     batch_size = min(args.batch_size or default_batch_size(), len(side.source))  # no padding
     extractor = FeatureExtractor(*load_inception(args.weights), batch_size=batch_size)
-    f = featurize(side, FeatureNeeds(), extractor, progress=not args.no_progress)
+    f = featurize(side, FeatureRequest(), extractor, progress=not args.no_progress)
     save_stats(args.out, f["pool3_stats"], f["spatial_stats"])
     print(f"wrote {args.out}: {f['pool3_stats'].n} images of {side.source.name}")
     return 0

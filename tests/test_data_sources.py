@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from jaxgen import data
-from jaxgen.data import sources
+from jaxgen.data.sources import fashion_mnist, folders
 from jaxgen.errors import InputError
+from jaxgen.metrics.eval_parts import iterate_eval
 
 
 def _rgb(seed: int, h: int = 8, w: int = 8) -> np.ndarray:
@@ -70,8 +71,8 @@ def test_labels_from_folders_refuses_loose_files(folder):
 def test_folder_decodes_lazily(folder, monkeypatch):
     root, _ = folder
     decoded = []
-    real = sources._decode
-    monkeypatch.setattr(sources, "_decode", lambda *a: decoded.append(a[0]) or real(*a))
+    real = folders.decode_image
+    monkeypatch.setattr(folders, "decode_image", lambda *a: decoded.append(a[0]) or real(*a))
     src = data.open_source(str(root))
     assert decoded == []
     src.read([1])
@@ -305,7 +306,7 @@ def test_fashion_mnist_debian_counts_and_checksum(spec, split):
 
 
 def test_fashion_mnist_falls_back_to_tfds_without_debian_copy(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DIR", tmp_path / "absent")
     with pytest.raises(InputError, match=r"tfds:fashion_mnist:test: not prepared in .*tfds build"):
         data.open_source("fashion_mnist:test", tfds_data_dir=str(tmp_path), tfds_download=False)
 
@@ -404,16 +405,16 @@ def test_tfds_bad_names_and_splits(tiny_tfds, tmp_path):
 def test_iterate_eval_yields_each_image_once_in_order():
     x = np.arange(23, dtype=np.uint8).reshape(23, 1, 1, 1)
     src = data.ArraySource(x, "ramp", labels=np.arange(23))
-    batches = list(data.iterate_eval(src, 5))
+    batches = list(iterate_eval(src, 5))
     assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
     np.testing.assert_array_equal(np.concatenate(batches), x)
-    parts = [list(data.iterate_eval(src, 4, process_index=p, process_count=3)) for p in range(3)]
+    parts = [list(iterate_eval(src, 4, process_index=p, process_count=3)) for p in range(3)]
     seen = np.concatenate([b for part in parts for b in part]).ravel()
     np.testing.assert_array_equal(seen, np.arange(23))
-    pairs = list(data.iterate_eval(src, 10, with_labels=True, prefetch=0))
+    pairs = list(iterate_eval(src, 10, with_labels=True, prefetch=0))
     np.testing.assert_array_equal(pairs[2][1], [20, 21, 22])
     with pytest.raises(InputError, match="process_index"):
-        list(data.iterate_eval(src, 4, process_index=3, process_count=3))
+        list(iterate_eval(src, 4, process_index=3, process_count=3))
 
 
 def test_iterate_eval_reraises_read_errors(tmp_path):
@@ -421,4 +422,17 @@ def test_iterate_eval_reraises_read_errors(tmp_path):
     (tmp_path / "b.png").write_bytes((tmp_path / "a.png").read_bytes()[:100])
     src = data.open_source(str(tmp_path))
     with pytest.raises(InputError, match=r"b\.png: cannot decode"):
-        list(data.iterate_eval(src, 1))
+        list(iterate_eval(src, 1))
+
+
+def test_every_process_runs_the_steps_of_the_largest_part():
+    from jaxgen.metrics.eval_parts import eval_part, largest_part
+
+    # Process 0's part is the smallest (parts n*i//count): 13 over 2 is 6 + 7, so with
+    # 2 images a step process 1 needs 4 steps where process 0's part gives 3.
+    assert [len(eval_part(13, i, 2)) for i in range(2)] == [6, 7]
+    assert largest_part(13, 2) == 7
+    for n in range(0, 40):
+        for count in range(1, 6):
+            sizes = [len(eval_part(n, i, count)) for i in range(count)]
+            assert sum(sizes) == n and largest_part(n, count) == max(sizes) <= -(-n // count)

@@ -64,11 +64,35 @@ def test_process_identities(p):
     assert np.all(np.diff(np.asarray(p.logsnr(t))) < 0)
     if isinstance(p, D.VP):
         np.testing.assert_allclose(a**2 + s**2, 1.0, atol=1e-6)
-    # Derivatives against central differences (h = 1e-3 t_max: O(h^2) truncation).
-    h = 1e-3 * p.t_max
-    fd = (p.alpha(t + h) - p.alpha(t - h)) / (2 * h)
-    np.testing.assert_allclose(p.d_alpha(t), fd, rtol=2e-2, atol=2e-2)
+    _assert_derivatives_match_central_differences(p, np.asarray(t, np.float64))
     assert float(p.sigma(jnp.asarray(0.0))) == 0.0 and float(p.alpha(jnp.asarray(0.0))) == 1.0
+
+
+def _assert_derivatives_match_central_differences(p, t):
+    """d_alpha and d_sigma against float64 central differences, to what the math allows.
+
+    ``(f(t + h) - f(t - h)) / 2h = f'(t) + h^2 f'''(t) / 6 + O(h^4)``, plus rounding
+    ``<= eps64 (|f| + |t f'|) / h`` (each f rounded, each ``t +- h`` rounded). With
+    ``h = 1e-5 t_max`` the truncation is <= ~1e-8 (``|f'''| t_max^3 <= ~5e2`` on these
+    schedules) and the rounding ~2e-11; the bound is those two terms, ``f'''`` by
+    autodiff at ``t`` (the ``O(h^4)`` rest is < 1e-15), times 2. A discrete VP
+    interpolates linearly between the grid points ``k / N``, where its derivative
+    jumps: it is tested at segment midpoints, with ``h`` far inside the segment.
+    """
+    with jax.enable_x64(True):
+        if isinstance(p, D.VP) and p.num_steps:
+            t = (np.floor(t * p.num_steps) + 0.5) / p.num_steps
+        t = jnp.asarray(t, jnp.float64)
+        h = 1e-5 * p.t_max
+        for f, df in ((p.alpha, p.d_alpha), (p.sigma, p.d_sigma)):
+            fd = (f(t + h) - f(t - h)) / (2 * h)
+            d3 = np.asarray(jax.vmap(jax.grad(jax.grad(jax.grad(f))))(t))
+            got = df(t)
+            rounding = np.finfo(np.float64).eps * (np.abs(f(t)) + np.abs(t * got)) / h
+            bound = 2 * (h**2 / 6 * np.abs(d3) + rounding)
+            assert got.dtype == jnp.float64
+            err = np.abs(np.asarray(got - fd))
+            assert np.all(err <= bound), (f.__name__, err, bound)
 
 
 def test_zero_terminal_snr_and_shift():
@@ -200,10 +224,27 @@ def test_loss_is_weighted_mean_of_per_example_terms():
     want = jnp.mean(jnp.mean((_model(0.7, x_t, t, None) - eps) ** 2, axis=1))
     np.testing.assert_allclose(value, want, rtol=1e-6)
     assert metrics["loss"] == value
+    # The gradient in closed form: L(w) = mean_{b,d} (w x_t + 0.1 t - eps)^2, so
+    # dL/dw = mean_{b,d} 2 (w x_t + 0.1 t - eps) x_t, in float64 from the same draws.
+    t64, eps64, x064 = (np.asarray(a, np.float64) for a in (t, eps, x0))
+    a64 = np.sqrt(np.exp(-(0.1 * t64 + 0.5 * 19.9 * t64**2)))[:, None]  # score_sde VP
+    xt64 = a64 * x064 + np.sqrt(1 - a64**2) * eps64
+    terms = 2 * (0.7 * xt64 + 0.1 * t64[:, None] - eps64) * xt64
     grad = jax.jit(
         jax.grad(lambda w: D.loss(_model, w, x0, None, key, process=p, prediction="eps")[0])
     )
-    assert np.isfinite(grad(0.7))
+    # float32 forward and backward: each of the 48 terms is right to a few eps32
+    # (~2e-7 relative), so the mean is right to that times the mean of |terms|.
+    assert abs(float(grad(0.7)) - terms.mean()) <= 1e-6 * np.abs(terms).mean()
+    # A weighted loss: min(SNR, 5) on the x0 error is min(SNR, 5) / SNR on the eps error.
+    snr = a64[:, 0] ** 2 / (1 - a64[:, 0] ** 2)
+    weighted = jax.grad(
+        lambda w: D.loss(
+            _model, w, x0, None, key, process=p, prediction="eps", weighting="min_snr"
+        )[0]
+    )
+    w_terms = (np.minimum(snr, 5.0) / snr)[:, None] * terms
+    assert abs(float(weighted(0.7)) - w_terms.mean()) <= 1e-6 * np.abs(w_terms).mean()
 
 
 def test_min_snr_is_the_same_objective_for_every_prediction():

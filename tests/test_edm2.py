@@ -25,10 +25,9 @@ import torch_files
 
 from jaxgen.diffusion.edm2_loss import edm2_loss
 from jaxgen.errors import InputError
-from jaxgen.models import EDM2, create_model, force_normalize
+from jaxgen.models import EDM2, count_params, create_model, force_normalize, load_weights
+from jaxgen.models.checkpoints import convert_state_dict, export_weights
 from jaxgen.models.edm2 import EDM2_PRESETS, mp_cat, mp_silu, mp_sum, normalize
-from jaxgen.models.edm2_weights import edm2_variables_from_torch, load_edm2_weights
-from jaxgen.models.layers import count_params
 from jaxgen.train.phema import power_ema_init, power_ema_update
 from jaxgen.train.schedules import inverse_sqrt_schedule
 
@@ -89,7 +88,7 @@ def test_matches_official_precond(key, tmp_path):
     path = tmp_path / "precond.pt"
     path.write_bytes(torch_files.zip_file(_tensors(key)))  # as torch.save(net.state_dict())
     model = _model(key)
-    variables = load_edm2_weights(path, model)
+    variables = load_weights(path, model)
     labels = f"{key}_labels"
     cond = {"label": jnp.asarray(REF[labels])} if labels in REF else None
     x, sigma = jnp.asarray(REF[f"{key}_x"]), jnp.asarray(REF[f"{key}_sigma"])
@@ -107,7 +106,7 @@ def test_matches_official_precond(key, tmp_path):
 
 def test_force_normalize_matches_official_training_forward():
     tensors = _tensors("cond8")
-    params = force_normalize(edm2_variables_from_torch(tensors, _model("cond8"))["params"])
+    params = force_normalize(convert_state_dict(tensors, _model("cond8"))["params"])
     conv = params["unet"]["enc_8x8_block0"]["conv_res0"]["weight"]
     want = REF["forced/unet.enc.8x8_block0.conv_res0.weight"].transpose(2, 3, 1, 0)
     np.testing.assert_allclose(np.asarray(conv), want, rtol=1e-6, atol=1e-6)
@@ -144,7 +143,7 @@ def test_magnitude_preserving_ops_keep_unit_variance():
 
 def test_bad_inputs_are_named():
     model = _model("cond8")
-    variables = edm2_variables_from_torch(_tensors("cond8"), model)
+    variables = convert_state_dict(_tensors("cond8"), model)
     with pytest.raises(InputError, match="8x8x3"):
         model.apply(variables, jnp.zeros((1, 16, 16, 3)), jnp.ones(1), None)
     with pytest.raises(InputError, match="unknown model 'edm2-huge'"):
@@ -152,9 +151,18 @@ def test_bad_inputs_are_named():
     tensors = _tensors("cond8")
     tensors.pop("unet.out_gain")
     with pytest.raises(InputError, match="unet.out_gain"):
-        edm2_variables_from_torch(tensors, model, "x.pt")
-    with pytest.raises(InputError, match="expected Flax shape"):
-        edm2_variables_from_torch(_tensors("cond8"), _model("cond8").clone(logvar_channels=4))
+        convert_state_dict(tensors, model, "x.pt")
+    with pytest.raises(InputError, match=r"wrong shape: logvar_fourier.freqs .* model has \(4,\)"):
+        convert_state_dict(_tensors("cond8"), _model("cond8").clone(logvar_channels=4))
+
+
+def test_export_weights_gives_back_the_official_state_dict():
+    tensors = _tensors("cond8")
+    model = _model("cond8")
+    exported = export_weights(convert_state_dict(tensors, model), model)
+    assert exported.keys() == tensors.keys()
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
 
 
 def test_edm2_loss_is_one_per_element_for_the_ideal_gaussian_denoiser():
@@ -274,14 +282,14 @@ def test_official_network_pickle_is_read_without_running_its_code(tmp_path):
     path = tmp_path / "edm2-tiny.pkl"
     path.write_bytes(_network_pickle(_tensors("cond8"), f"open({str(marker)!r}, 'w').close()"))
     model = _model("cond8")
-    got = load_edm2_weights(path, model)
+    got = load_weights(path, model)
     assert not marker.exists()  # the embedded module source was never compiled or run
-    want = edm2_variables_from_torch(_tensors("cond8"), model)
+    want = convert_state_dict(_tensors("cond8"), model)
     jax.tree.map(np.testing.assert_array_equal, got, want)
     evil = torch_files.dumps(torch_files.Call(torch_files.Global("os", "system"), ("true",)))
     (tmp_path / "evil.pkl").write_bytes(evil)
     with pytest.raises(InputError, match="refusing to load global 'os.system'"):
-        load_edm2_weights(tmp_path / "evil.pkl", model)
+        load_weights(tmp_path / "evil.pkl", model)
 
 
 @pytest.mark.slow

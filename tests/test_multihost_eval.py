@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from tiny_inception import tiny_inception
 
 from jaxgen.data import ArraySource
-from jaxgen.metrics.evaluate import FeatureNeeds, Side, featurize
+from jaxgen.metrics.evaluate import EvalInput, FeatureRequest, featurize
 from jaxgen.metrics.features import FeatureExtractor
 
 WORKER = Path(__file__).parent / "workers" / "multihost_featurize.py"
@@ -42,8 +42,8 @@ def test_two_processes_match_one(tmp_path):
         assert p.returncode == 0, out[-3000:]
 
     images = np.random.default_rng(0).integers(0, 256, (13, 9, 7, 3), dtype=np.uint8)
-    one = featurize(Side("x", source=ArraySource(images, "x")),
-                    FeatureNeeds(pool3=True, logits=True),
+    one = featurize(EvalInput("x", source=ArraySource(images, "x")),
+                    FeatureRequest(pool3=True, logits=True),
                     FeatureExtractor(*tiny_inception(), batch_size=8), progress=False)
     for i in range(2):
         with np.load(tmp_path / f"p{i}.npz") as r:

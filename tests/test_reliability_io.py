@@ -469,12 +469,13 @@ print(json.dumps(results))
 
 def test_train_cli_mistakes_are_one_line_and_create_nothing(tmp_path):
     (tmp_path / "file").write_text("")
-    config = ["--config", "configs/fashion_mnist.py"]
+    config = ["--config", "jaxgen/configs/fashion_mnist.py"]
     cases = {
         "unknown key": ([*config, "--config.train.nope=1"], "--config.train.nope", "no field"),
         "unknown section": ([*config, "--config.nope.x=1"], "--config.nope.x", "no field"),
         "wrong type": ([*config, "--config.train.minutes=abc"], "--config.train.minutes=abc"),
-        "missing file": (["--config", "configs/nope.py"], "configs/nope.py", "No such file"),
+        "missing file": (["--config", "jaxgen/configs/nope.py"], "jaxgen/configs/nope.py",
+                         "No such file"),
         "unknown flag": ([*config, "--nope"], "--nope"),
         "workdir is a file": ([*config, "--workdir", tmp_path / "file"], "is a file"),
         "no gcsfs": ([*config, "--workdir", "gs://bkt/run"], "pip install 'jaxgen[gcs]'"),

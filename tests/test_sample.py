@@ -12,6 +12,7 @@ from PIL import Image
 from test_train import tiny_config, tiny_images  # tests/ is on sys.path under pytest
 
 from jaxgen import sample
+from jaxgen.configs import RECIPES
 from jaxgen.errors import InputError
 from jaxgen.train import train_and_evaluate
 
@@ -65,7 +66,7 @@ def test_sample_errors(run_dir, tmp_path):
 
 def test_train_cli_dry_run():
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxgen.train", "--config", "configs/fashion_mnist.py",
+        [sys.executable, "-m", "jaxgen.train", "--config", "jaxgen/configs/fashion_mnist.py",
          "--workdir", "/nonexistent/run", "--dry-run", "--config.data.batch_size=16"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -77,7 +78,7 @@ def test_train_cli_dry_run():
 
 def test_train_cli_bad_config_value_is_one_line():
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxgen.train", "--config", "configs/fashion_mnist.py",
+        [sys.executable, "-m", "jaxgen.train", "--config", "jaxgen/configs/fashion_mnist.py",
          "--workdir", "/nonexistent/run", "--dry-run", "--config.diffusion.process=ve"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -85,16 +86,13 @@ def test_train_cli_bad_config_value_is_one_line():
     assert proc.stderr.strip().splitlines()[-1].startswith("error: diffusion.process='ve'")
 
 
-CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
-
-
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", RECIPES)
 def test_every_config_describes_itself_offline(name):
     import importlib
 
     from jaxgen.train import describe
 
-    module = importlib.import_module(f"configs.{name}")
-    assert "python -m jaxgen.train --config configs/" in module.__doc__  # the exact command
+    module = importlib.import_module(f"jaxgen.configs.{name}")
+    assert "python -m jaxgen.train --config jaxgen/configs/" in module.__doc__  # the exact command
     text = describe(module.get_config(), "/nonexistent")
     assert " parameters, compute " in text and "eval: " in text

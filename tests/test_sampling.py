@@ -57,7 +57,7 @@ def test_every_solver_process_prediction_jits_and_is_finite(solver):
         for pred in D.PREDICTIONS
         if not (isinstance(p, D.Flow) and pred in ("eps", "score"))
     ]
-    _, options = driver._check_solver(solver, None)
+    _, options = driver.check_solver(solver, None)
     grids = [jnp.asarray(S.make_grid(p.default_grid, p, 3), jnp.float32) for p, _ in combos]
 
     def run_all(key):
@@ -317,7 +317,7 @@ def test_all_prediction_types_give_the_same_trajectory(process, solver, options)
     preds = [
         p for p in D.PREDICTIONS if not (isinstance(process, D.Flow) and p in ("eps", "score"))
     ]
-    _, opts = driver._check_solver(solver, options)
+    _, opts = driver.check_solver(solver, options)
     ts = jnp.asarray(S.make_grid(process.default_grid, process, 12), jnp.float32)
 
     def run_all(key):

@@ -130,7 +130,7 @@ def test_setup_from_git_with_data(env):
 
 
 def test_launch(env):
-    (ssh,) = dry("launch.sh", "--config", "configs/cifar10_flow.py", "--bucket", "gs://bkt/",
+    (ssh,) = dry("launch.sh", "--config", "jaxgen/configs/cifar10_flow.py", "--bucket", "gs://bkt/",
                  "--run", "c10", "--", "--config.data.batch_size=256",
                  "--config.eval.at_minutes=()", env=env)
     assert ssh[:-1] == [*SSH, "jaxgen", *WHERE, "--worker=all"]
@@ -138,14 +138,14 @@ def test_launch(env):
     assert command == (
         "mkdir -p jaxgen-logs && cd jaxgen && { nohup env JAXGEN_DISTRIBUTED=1"
         " ../jaxgen-venv/bin/python -m jaxgen.train"
-        " --config configs/cifar10_flow.py --workdir gs://bkt/runs/c10"
+        " --config jaxgen/configs/cifar10_flow.py --workdir gs://bkt/runs/c10"
         " --config.data.batch_size=256 '--config.eval.at_minutes=()'"
         " > ../jaxgen-logs/c10.log 2>&1 < /dev/null & echo $! > ../jaxgen-logs/c10.pid; }"
     )
     # The trainer's argv as the worker's shell will see it.
     train = shlex.split(command.split("nohup ")[1].split(" > ")[0])
     assert train == ["env", "JAXGEN_DISTRIBUTED=1", "../jaxgen-venv/bin/python", "-m",
-                     "jaxgen.train", "--config", "configs/cifar10_flow.py",
+                     "jaxgen.train", "--config", "jaxgen/configs/cifar10_flow.py",
                      "--workdir", "gs://bkt/runs/c10",
                      "--config.data.batch_size=256", "--config.eval.at_minutes=()"]
 
@@ -192,13 +192,13 @@ def test_initialize_distributed_rejects_unknown_switch(monkeypatch):
 
 
 def test_launch_workdir_and_env_defaults(env):
-    env.update(TPU_NAME="pod", BUCKET="ignored", CONFIG="configs/imagenet_dit_b2.py")
+    env.update(TPU_NAME="pod", BUCKET="ignored", CONFIG="jaxgen/configs/imagenet_dit_b2.py")
     (ssh,) = dry("launch.sh", "--workdir", "gs://other/exp 1", "--tfds-data-dir",
                  "/mnt/tfds", "--project", "p", env=env)
     assert ssh[:-1] == [*SSH, "pod", *WHERE, "--project=p", "--worker=all"]
     assert ("{ nohup env JAXGEN_DISTRIBUTED=1 TFDS_DATA_DIR=/mnt/tfds"
             " ../jaxgen-venv/bin/python -m jaxgen.train"
-            " --config configs/imagenet_dit_b2.py --workdir 'gs://other/exp 1' >"
+            " --config jaxgen/configs/imagenet_dit_b2.py --workdir 'gs://other/exp 1' >"
             " ../jaxgen-logs/pod.log") in remote(ssh)
 
 
@@ -232,9 +232,9 @@ cd {root}
 source ~/venv/bin/activate
 export TFDS_DATA_DIR=/shared/tfds
 srun --kill-on-bad-exit=1 --output={w}/slurm/%x-%j-%t.out python3 -m jaxgen.train \
---config configs/imagenet_dit_b2.py --workdir {w} --config.data.batch_size=512
+--config jaxgen/configs/imagenet_dit_b2.py --workdir {w} --config.data.batch_size=512
 """
-SLURM_ARGS = ("--config", "configs/imagenet_dit_b2.py", "--nodes", "4", "--partition=gpu",
+SLURM_ARGS = ("--config", "jaxgen/configs/imagenet_dit_b2.py", "--nodes", "4", "--partition=gpu",
               "--job-name", "dit", "--setup", "source ~/venv/bin/activate",
               "--tfds-data-dir", "/shared/tfds", "--", "--config.data.batch_size=512")
 
@@ -266,7 +266,7 @@ REAL_RUNS = [
     ("create.sh", ("--queued", "--spot", "--project", "p")),
     ("setup.sh", ("--name", "pod")),
     ("setup.sh", ("--repo", "https://example.com/j.git", "--tfds-data", "gs://b/tfds")),
-    ("launch.sh", ("--config", "configs/cifar10_flow.py", "--bucket", "b", "--",
+    ("launch.sh", ("--config", "jaxgen/configs/cifar10_flow.py", "--bucket", "b", "--",
                    "--config.eval.at_minutes=()")),
     ("logs.sh", ("--worker", "0,2")),
     ("stop.sh", ()),
@@ -306,7 +306,7 @@ BAD = [
     ("delete.sh", ("--", "x"), "unexpected arguments after --"),
     ("setup.sh", ("--tfds-data", "/local/dir"), "must be a gs:// path"),
     ("launch.sh", ("--bucket", "b"), "missing --config (or set CONFIG)"),
-    ("launch.sh", ("--config", "configs/x.py"), "missing --workdir or --bucket"),
+    ("launch.sh", ("--config", "jaxgen/configs/x.py"), "missing --workdir or --bucket"),
     ("launch.sh", ("--config", "c.py", "--bucket", "b", "--run", "a/b"), "run name"),
     ("logs.sh", ("--worker", "first"), "--worker must be"),
     ("logs.sh", ("--lines", "x"), "--lines must be a number"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import configs.fashion_mnist as default_config
+from jaxgen.configs import fashion_mnist as default_config
 from jaxgen.data import ArraySource
 from jaxgen.errors import InputError
 from jaxgen.models import count_params
@@ -28,7 +28,7 @@ from jaxgen.train import (
     image_grid,
     init_state,
     loop,
-    make_setup,
+    make_run_parts,
     make_train_step,
     read_events,
     train_and_evaluate,
@@ -92,29 +92,29 @@ def assert_same(a, b) -> None:
 
 def setup_of(config, mesh=None):
     mesh = make_mesh() if mesh is None else make_mesh(fsdp=config.train.fsdp)
-    return make_setup(config, mesh, (8, 8, 1), config.train.num_steps)
+    return make_run_parts(config, mesh, (8, 8, 1), config.train.num_steps)
 
 
-def batch_of(setup, n: int = 8) -> dict:
+def batch_of(parts, n: int = 8) -> dict:
     images, labels = tiny_images(n)
     return {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32)}
 
 
 def test_one_step_changes_params_and_is_finite(data_file):
     config = tiny_config(data_file, **{"optim.warmup_steps": 0})
-    setup = setup_of(config)
-    state = init_state(setup, seed=0)
+    parts = setup_of(config)
+    state = init_state(parts, seed=0)
     assert count_params(state.params) == TINY_PARAMS
     before = leaves(state.params)
-    step = make_train_step(setup)
-    state, metrics = step(state, batch_of(setup))
+    step = make_train_step(parts)
+    state, metrics = step(state, batch_of(parts))
     assert int(state.step) == 1
     # The zero-initialised output layer is all the first step can move (the rest gets no
     # gradient through it); the second reaches every layer not behind another zero-initialised
     # residual branch (38 of 111 arrays).
     out_layer = np.array(state.params["conv_out"]["kernel"])
     assert np.abs(out_layer).max() > 0
-    state, metrics = step(state, batch_of(setup))
+    state, metrics = step(state, batch_of(parts))
     for k in ("loss", "grad_norm", "update_norm", "lr"):
         assert np.isfinite(float(metrics[k])), k
     assert float(metrics["loss"]) > 0
@@ -126,13 +126,13 @@ def test_one_step_changes_params_and_is_finite(data_file):
 
 def test_gradient_accumulation_updates_every_k_steps(data_file):
     config = tiny_config(data_file, **{"optim.grad_accum": 2, "optim.warmup_steps": 0})
-    setup = setup_of(config)
-    state = init_state(setup, seed=0)
-    step = make_train_step(setup)
+    parts = setup_of(config)
+    state = init_state(parts, seed=0)
+    step = make_train_step(parts)
     p0 = leaves(state.params)
-    state, _ = step(state, batch_of(setup))
+    state, _ = step(state, batch_of(parts))
     assert all(np.array_equal(a, b) for a, b in zip(p0, leaves(state.params), strict=True))
-    state, _ = step(state, batch_of(setup))
+    state, _ = step(state, batch_of(parts))
     assert not all(np.array_equal(a, b) for a, b in zip(p0, leaves(state.params), strict=True))
 
 
@@ -225,9 +225,9 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(data_file, straight, tm
 
 def test_fsdp_shards_params_and_optimizer_state_by_logical_axes(data_file):
     config = tiny_config(data_file, **{"train.fsdp": 4})
-    setup = setup_of(config, mesh="fsdp")
-    assert dict(setup.mesh.shape) == {"data": 2, "fsdp": 4}
-    state = init_state(setup, seed=0)
+    parts = setup_of(config, mesh="fsdp")
+    assert dict(parts.mesh.shape) == {"data": 2, "fsdp": 4}
+    state = init_state(parts, seed=0)
     specs = param_sharding_summary(state)
     # conv_in kernel: (kernel_h, kernel_w, channels, embed) -> embed on fsdp.
     assert specs["conv_in/kernel"] == (None, None, None, "fsdp")
@@ -240,7 +240,7 @@ def test_fsdp_shards_params_and_optimizer_state_by_logical_axes(data_file):
     assert ema.sharding.spec == kernel.sharding.spec
     # Same numbers as the unsharded step.
     plain = setup_of(tiny_config(data_file))
-    a, _ = make_train_step(setup)(state, batch_of(setup))
+    a, _ = make_train_step(parts)(state, batch_of(parts))
     b, _ = make_train_step(plain)(init_state(plain, seed=0), batch_of(plain))
     for x, y in zip(leaves(a.params), leaves(b.params), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -256,10 +256,10 @@ def test_bad_config_values_are_input_errors(data_file):
 
 
 def test_bfloat16_compute_step_is_finite(data_file):
-    setup = setup_of(tiny_config(data_file, **{"train.compute_dtype": "bfloat16"}))
-    state = init_state(setup, seed=0)
+    parts = setup_of(tiny_config(data_file, **{"train.compute_dtype": "bfloat16"}))
+    state = init_state(parts, seed=0)
     assert jax.tree.leaves(state.params)[0].dtype == jnp.float32  # storage stays float32
-    state, metrics = make_train_step(setup)(state, batch_of(setup))
+    state, metrics = make_train_step(parts)(state, batch_of(parts))
     assert np.isfinite(float(metrics["loss"]))
 
 

@@ -52,16 +52,16 @@ def test_model_facts_come_from_the_module(data_file):
     config = tiny_config(data_file)
     config.model.name = "DiT-S/8"
     config.model.kwargs = {"depth": 1, "hidden": 32, "num_heads": 2, "learn_sigma": False}
-    setup = setup_of(config)
-    assert setup.num_classes == 1000 == setup.module.num_classes
-    assert setup.null_cond["label"].tolist() == [1000]
-    sample_images(setup, None, jax.random.key(0), num=1, batch_size=8, solver="euler",
+    parts = setup_of(config)
+    assert parts.num_classes == 1000 == parts.module.num_classes
+    assert parts.null_cond["label"].tolist() == [1000]
+    sample_images(parts, None, jax.random.key(0), num=1, batch_size=8, solver="euler",
                   steps=1, cfg_scale=2.0)  # accepted: the model is class-conditional
     config.model.kwargs = {"depth": 1, "hidden": 32, "num_heads": 2, "num_classes": 2}
     with pytest.raises(InputError, match="labels up to 3 .* num_classes=2"):
         loop.build(config)
     with pytest.raises(InputError, match="must be a finite number"):
-        sample_images(setup, None, jax.random.key(0), num=1, batch_size=8, solver="euler",
+        sample_images(parts, None, jax.random.key(0), num=1, batch_size=8, solver="euler",
                       steps=1, cfg_scale=float("nan"))
 
 
@@ -69,16 +69,16 @@ def test_edm_sigma_data_reaches_the_preconditioning(data_file):
     config = tiny_config(data_file, **{"diffusion.process": "edm", "diffusion.precond": "edm",
                                        "diffusion.sigma_data": 1.3})
     config.diffusion.process_kwargs = {}
-    setup = setup_of(config)
-    assert setup.process.sigma_data == 1.3
-    params = init_state(setup, 0).params
+    parts = setup_of(config)
+    assert parts.process.sigma_data == 1.3
+    params = init_state(parts, 0).params
     x = jax.random.normal(jax.random.key(1), (8, 8, 8, 1))
     t = jnp.full((8,), 0.7)
     cond = {"label": jnp.arange(8) % 4}
-    raw = lambda p, x, c_noise, c: setup.module.apply({"params": p}, x, c_noise, c)
+    raw = lambda p, x, c_noise, c: parts.module.apply({"params": p}, x, c_noise, c)
     for sd, same in ((1.3, True), (0.5, False)):
-        want = diffusion.edm_precond(raw, setup.process, sd)(params, x, t, cond)
-        assert np.allclose(setup.model_fn(params, x, t, cond), want, atol=1e-6) == same
+        want = diffusion.edm_precond(raw, parts.process, sd)(params, x, t, cond)
+        assert np.allclose(parts.model_fn(params, x, t, cond), want, atol=1e-6) == same
     config.diffusion.process_kwargs = {"sigma_data": 0.5}
     with pytest.raises(InputError, match="set diffusion.sigma_data instead"):
         setup_of(config)
@@ -113,8 +113,8 @@ def test_user_module_and_loss_train_resume_and_sample(data_file, tmp_path):
     assert int(state.step) == 4 and calls  # traced once, then compiled
     assert set(state.params) == {"Conv_0", "Conv_1", "Dense_0", "Embed_0"}
     run = load_run(workdir, module=_Tiny())
-    assert run.step == 4 and run.setup.num_classes == 4
-    (images,) = sample_images(run.setup, run.params, jax.random.key(0), num=8, batch_size=8,
+    assert run.step == 4 and run.parts.num_classes == 4
+    (images,) = sample_images(run.parts, run.params, jax.random.key(0), num=8, batch_size=8,
                               solver="euler", steps=2)
     assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -122,14 +122,14 @@ def test_user_module_and_loss_train_resume_and_sample(data_file, tmp_path):
 
 
 def test_sampling_a_new_checkpoint_or_ema_never_recompiles(data_file):
-    setup = setup_of(tiny_config(data_file))
-    state = init_state(setup, 0)
+    parts = setup_of(tiny_config(data_file))
+    state = init_state(parts, 0)
     kw = dict(num=8, batch_size=8, solver="euler", steps=2)
-    a = np.concatenate(list(sample_images(setup, state.params, jax.random.key(0), **kw)))
+    a = np.concatenate(list(sample_images(parts, state.params, jax.random.key(0), **kw)))
     size = driver._run_jit._cache_size()
     shifted = jax.tree.map(lambda p: p + 0.01, state.params)
-    b = np.concatenate(list(sample_images(setup, shifted, jax.random.key(0), **kw)))
-    c = np.concatenate(list(sample_images(setup, state.ema["0.9"], jax.random.key(0), **kw)))
+    b = np.concatenate(list(sample_images(parts, shifted, jax.random.key(0), **kw)))
+    c = np.concatenate(list(sample_images(parts, state.ema["0.9"], jax.random.key(0), **kw)))
     assert driver._run_jit._cache_size() == size  # the weights are arguments, not constants
     assert not np.array_equal(a, b)
     np.testing.assert_array_equal(a, c)  # the EMA starts equal to the parameters
@@ -138,10 +138,10 @@ def test_sampling_a_new_checkpoint_or_ema_never_recompiles(data_file):
 def test_non_finite_step_is_dropped_on_device(data_file):
     # A NaN learning rate makes the update non-finite while the loss stays finite.
     config = tiny_config(data_file, **{"optim.lr": float("nan"), "optim.warmup_steps": 0})
-    setup = setup_of(config)
-    state = init_state(setup, 0)
+    parts = setup_of(config)
+    state = init_state(parts, 0)
     before = [*leaves(state.params), *leaves(state.opt_state), *leaves(state.ema)]
-    state, metrics = make_train_step(setup)(state, batch_of(setup))
+    state, metrics = make_train_step(parts)(state, batch_of(parts))
     assert float(metrics["finite"]) == 0.0 and np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 1
     after = [*leaves(state.params), *leaves(state.opt_state), *leaves(state.ema)]

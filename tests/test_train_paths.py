@@ -29,8 +29,7 @@ from test_train import tiny_config  # tests/ is on sys.path under pytest
 from jaxgen import sample
 from jaxgen.files import GrowingFile, is_local, open_atomic
 from jaxgen.metrics import GaussianStats
-from jaxgen.train import Checkpointer, read_scalars, reference_stats, train_and_evaluate
-from jaxgen.train import evaluation as evaluation_module
+from jaxgen.train import Checkpointer, monitoring, read_scalars, reference_stats, train_and_evaluate
 
 # Compilations are reused between the runs of the module (identical configs, identical HLO).
 pytestmark = pytest.mark.usefixtures("module_compile_cache")
@@ -184,7 +183,7 @@ def test_fid_reference_stats_are_cached_in_the_bucket(bucket, data_file, monkeyp
         calls.append(1)
         return {"pool3_stats": stats}
 
-    monkeypatch.setattr(evaluation_module, "featurize", featurize)
+    monkeypatch.setattr(monitoring, "featurize", featurize)
 
     class Extractor:  # only its weights' identity is read, for the cache key
         class module:

@@ -5,7 +5,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
-usage: tpu/launch.sh --config configs/NAME.py (--bucket BUCKET | --workdir DIR) [options]
+usage: tpu/launch.sh --config jaxgen/configs/NAME.py (--bucket BUCKET | --workdir DIR) [options]
                      [-- --config.key=value ...]
 
 Start training on every worker (--worker=all) of the TPU NAME, in the background

@@ -5,7 +5,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
-usage: tpu/slurm.sh --config configs/NAME.py --workdir DIR [options] [-- --config.key=value ...]
+usage: tpu/slurm.sh --config jaxgen/configs/NAME.py --workdir DIR [options] [-- --config.key=value ...]
 
 Write an sbatch script to --script and submit it with sbatch. The job runs one
 task per GPU (--ntasks-per-node = --gpus-per-node) with `srun python -m

@@ -11,8 +11,6 @@ from jaxgen.data.sources import (
     ImageSource,
     TfdsSource,
     check_images,
-    eval_part,
-    iterate_eval,
     open_source,
 )
 
@@ -28,9 +26,7 @@ __all__ = [
     "TrainIterator",
     "center_crop_resize",
     "check_images",
-    "eval_part",
     "global_positions",
-    "iterate_eval",
     "open_source",
     "pad_images",
     "to_model_space",

@@ -18,6 +18,9 @@ applied (pixels are read as stored, as pytorch-fid and clean-fid read them).
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -85,6 +88,30 @@ def center_crop_resize(image: np.ndarray, resolution: int, method: str = "lanczo
     pil = Image.fromarray(square[:, :, 0] if c == 1 else square)
     out = np.asarray(pil.resize((resolution, resolution), RESIZE_METHODS[method]))
     return out.reshape(resolution, resolution, c)
+
+
+def decode_image(
+    file: Path | bytes, channels: int, resolution: int | None, method: str, name: str, fix: str
+) -> np.ndarray:
+    """Decode an image file (path or encoded bytes) by the mode rule, then crop/resize it.
+
+    Args:
+      file: the file's path or its encoded bytes.
+      channels: 1 or 3, the source's channel count (gray is repeated to 3).
+      resolution: center-crop and resize to this square size (``None``: as is).
+      method: a key of :data:`RESIZE_METHODS`.
+      name: what to call the image in messages.
+      fix: what to do about an undecodable file, for the message.
+
+    Raises:
+      InputError: when Pillow cannot decode the file.
+    """
+    try:
+        with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
+            image = pil_to_array(im, channels)
+    except Exception as e:  # Pillow raises many types for bad files; any means a bad file.
+        raise InputError(f"{name}: cannot decode image ({type(e).__name__}: {e}); {fix}.") from e
+    return image if resolution is None else center_crop_resize(image, resolution, method)
 
 
 def pad_images(images: np.ndarray, side: int | None) -> np.ndarray:

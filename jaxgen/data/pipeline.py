@@ -72,7 +72,7 @@ def global_positions(seed: int, n: int, positions: np.ndarray) -> tuple[np.ndarr
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class _BatchMaker:
     """Everything a batch depends on; the prefetch thread holds this, not the iterator."""
 
     source: ImageSource
@@ -191,7 +191,7 @@ class TrainIterator(Iterator):
                     f"pad_to={pad_to} is smaller than the {max(shape[:2])}-pixel images of "
                     f"{source.name}; use pad_to >= the image size, or a smaller resolution."
                 )
-        self._plan = _Plan(
+        self._plan = _BatchMaker(
             source=source,
             batch_size=batch_size,
             seed=seed,

@@ -1,7 +1,8 @@
 """The math of diffusion and flow models: processes, predictions, losses (no Flax).
 
 Everything reduces to ``x_t = alpha(t) x0 + sigma(t) eps``; a model reaches
-this package as a plain function ``model_fn(x_t, t, cond) -> prediction``.
+this package as a plain function ``model_fn(params, x_t, t, cond) -> prediction``
+(the weights always a traced argument).
 """
 
 from jaxgen.diffusion.losses import (

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxgen.diffusion.losses import DISTANCES, _resolve
+from jaxgen.diffusion.losses import DISTANCES, resolve_option
 from jaxgen.diffusion.predictions import bcast
 from jaxgen.diffusion.processes import EDM
 from jaxgen.errors import InputError
@@ -209,7 +209,7 @@ def ict_loss(
       ``(per_example [B], {"loss", "num_scales", "sigma"})``.
     """
     _check_edm(process, "ict_loss")
-    dist = _resolve(distance, DISTANCES, "distance")
+    dist = resolve_option(distance, DISTANCES, "distance")
     n = ict_num_scales(step, total_steps, s0, s1)
     sigmas = karras_sigmas(n, process.sigma_min, process.sigma_max, rho, size=s1 + 1)
     k_i, k_z = jax.random.split(key)
@@ -272,7 +272,7 @@ def cd_loss(
         raise InputError(f"num_scales={num_scales!r} must be an int >= 2.")
     if weighting not in ("uniform", "inverse_gap"):
         raise InputError(f"weighting={weighting!r}: use 'uniform' or 'inverse_gap'.")
-    dist = _resolve(distance, DISTANCES, "distance")
+    dist = resolve_option(distance, DISTANCES, "distance")
     sigmas = karras_sigmas(num_scales, process.sigma_min, process.sigma_max, rho)
     k_n, k_z = jax.random.split(key)
     n = jax.random.randint(k_n, (x0.shape[0],), 0, num_scales - 1)

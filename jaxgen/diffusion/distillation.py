@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.diffusion.losses import TIME_SAMPLERS, _resolve
+from jaxgen.diffusion.losses import TIME_SAMPLERS, resolve_option
 from jaxgen.diffusion.predictions import bcast, check_prediction, from_x0_eps, to_x0_eps
 from jaxgen.errors import InputError
 
@@ -182,7 +182,7 @@ def reflow_loss(
     check_prediction(prediction)
     if noise.shape != x0.shape:
         raise InputError(f"reflow pairs differ in shape: noise {noise.shape}, x0 {x0.shape}.")
-    t = _resolve(time_sampler, TIME_SAMPLERS, "time_sampler")(key, x0.shape[0], process)
+    t = resolve_option(time_sampler, TIME_SAMPLERS, "time_sampler")(key, x0.shape[0], process)
     x_t = bcast(process.alpha(t), x0) * x0 + bcast(process.sigma(t), x0) * noise
     target = from_x0_eps(x0, noise, prediction, t=t, process=process)
     per_example = _per_example_mse(model_fn(params, x_t, t, cond), target)
@@ -240,7 +240,7 @@ def dmd_loss(
     check_prediction(prediction)
     k_t, k_eps = jax.random.split(key)
     x = generator_fn(params, noise, cond)
-    t = _resolve(time_sampler, TIME_SAMPLERS, "time_sampler")(k_t, x.shape[0], process)
+    t = resolve_option(time_sampler, TIME_SAMPLERS, "time_sampler")(k_t, x.shape[0], process)
     eps = jax.random.normal(k_eps, x.shape, x.dtype)
     x_t = jax.lax.stop_gradient(bcast(process.alpha(t), x) * x + bcast(process.sigma(t), x) * eps)
     x0_real, _ = _x0_eps(real_fn, real_params, x_t, t, cond, prediction, process)
@@ -275,7 +275,7 @@ def fake_score_loss(
     check_prediction(prediction)
     x = jax.lax.stop_gradient(x)
     k_t, k_eps = jax.random.split(key)
-    t = _resolve(time_sampler, TIME_SAMPLERS, "time_sampler")(k_t, x.shape[0], process)
+    t = resolve_option(time_sampler, TIME_SAMPLERS, "time_sampler")(k_t, x.shape[0], process)
     eps = jax.random.normal(k_eps, x.shape, x.dtype)
     x_t = bcast(process.alpha(t), x) * x + bcast(process.sigma(t), x) * eps
     target = from_x0_eps(x, eps, prediction, t=t, process=process)

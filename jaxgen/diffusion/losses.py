@@ -160,7 +160,12 @@ def pseudo_huber(c: float = 0.00054, scheduled: bool = False) -> Callable:
 DISTANCES = {"mse": mse, "pseudo_huber": pseudo_huber}
 
 
-def _resolve(value, registry: dict, argument: str):
+def resolve_option(value, registry: dict, argument: str):
+    """``registry[value]()`` for a name, ``value`` itself for a callable or ``None``.
+
+    Raises:
+      InputError: an unknown name, or neither a name nor a callable, naming ``argument``.
+    """
     if isinstance(value, str):
         if value not in registry:
             raise InputError(
@@ -234,9 +239,9 @@ def loss(
       ``(scalar loss, metrics)``; metrics holds ``loss`` and the unweighted ``distance``.
     """
     check_prediction(prediction)
-    sample_t = _resolve(time_sampler, TIME_SAMPLERS, "time_sampler")
-    weight_x0 = _resolve(weighting, WEIGHTINGS, "weighting")
-    dist = _resolve(distance, DISTANCES, "distance")
+    sample_t = resolve_option(time_sampler, TIME_SAMPLERS, "time_sampler")
+    weight_x0 = resolve_option(weighting, WEIGHTINGS, "weighting")
+    dist = resolve_option(distance, DISTANCES, "distance")
     if not 0.0 <= label_dropout <= 1.0:
         raise InputError(f"label_dropout={label_dropout} must lie in [0, 1].")
     if label_dropout > 0 and (cond is None or null_cond is None):

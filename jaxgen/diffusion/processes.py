@@ -31,7 +31,7 @@ _COSINE_S = 0.008  # Nichol & Dhariwal (2021) Eq. 17 offset.
 _COSINE_T_MAX = 0.9946
 
 
-class _Process:
+class ProcessBase:
     """Shared derived quantities; subclasses define alpha, sigma, logsnr, t_from_logsnr."""
 
     def d_alpha(self, t):
@@ -79,7 +79,7 @@ def _ddpm_table(schedule: str, num_steps: int, zero_terminal_snr: bool):
 
 
 @dataclasses.dataclass(frozen=True)
-class VP(_Process):
+class VP(ProcessBase):
     """Variance-preserving process (DDPM), ``alpha^2 + sigma^2 = 1``.
 
     Args:
@@ -213,7 +213,7 @@ class VP(_Process):
 
 
 @dataclasses.dataclass(frozen=True)
-class EDM(_Process):
+class EDM(ProcessBase):
     """Variance-exploding process of Karras et al. (2022): ``alpha = 1``, ``sigma = t``.
 
     Args:
@@ -265,7 +265,7 @@ class EDM(_Process):
 
 
 @dataclasses.dataclass(frozen=True)
-class Flow(_Process):
+class Flow(ProcessBase):
     """Interpolant between data (t = 0) and noise (t = 1) for flow matching.
 
     Args:

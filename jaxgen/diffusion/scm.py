@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.diffusion.predictions import bcast, check_prediction, to_x0_eps
-from jaxgen.diffusion.processes import _Process
+from jaxgen.diffusion.processes import ProcessBase
 from jaxgen.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
-class TrigFlow(_Process):
+class TrigFlow(ProcessBase):
     """TrigFlow (Lu & Song 2024, Sec. 3): ``alpha = cos t``, ``sigma = sigma_data sin t``.
 
     Args:

@@ -12,8 +12,6 @@ bias. :class:`CLIPVision` returns the image embedding divided by its L2 norm
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,25 +24,6 @@ from jaxgen.encoders.preprocess import (
     resize_shortest_edge_crop,
 )
 from jaxgen.encoders.vit import HIGHEST, Encoder, patchify
-
-
-@dataclasses.dataclass(frozen=True)
-class Arch:
-    """Hyper-parameters of one released CLIP image tower."""
-
-    width: int
-    depth: int
-    heads: int
-    patch: int
-    image_size: int
-    embed_dim: int
-
-
-ARCHS = {
-    "vitb32": Arch(768, 12, 12, 32, 224, 512),
-    "vitl14": Arch(1024, 24, 16, 14, 224, 768),
-    "vitl14_336": Arch(1024, 24, 16, 14, 336, 768),
-}
 
 
 class CLIPVision(nn.Module):
@@ -87,12 +66,19 @@ class CLIPVision(nn.Module):
         return {"embedding": projected / norm, "projected": projected}
 
 
+ARCHS = {
+    "vitb32": CLIPVision(768, 12, 12, 32, 224, 512),
+    "vitl14": CLIPVision(1024, 24, 16, 14, 224, 768),
+    "vitl14_336": CLIPVision(1024, 24, 16, 14, 336, 768),
+}
+"""The released image towers (float32 modules, unbound), by name."""
+
+
 def model(arch: str, *, dtype: jnp.dtype = jnp.float32) -> CLIPVision:
     """The module of a released image tower: ``arch`` in :data:`ARCHS`."""
     if arch not in ARCHS:
         raise ValueError(f"unknown CLIP architecture {arch!r}; choose from {sorted(ARCHS)}")
-    a = ARCHS[arch]
-    return CLIPVision(a.width, a.depth, a.heads, a.patch, a.image_size, a.embed_dim, None, dtype)
+    return ARCHS[arch].clone(dtype=dtype)
 
 
 def preprocess_hf(images: jax.Array, size: int) -> jax.Array:

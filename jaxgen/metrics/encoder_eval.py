@@ -20,7 +20,6 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxgen.data import eval_part, iterate_eval
 from jaxgen.errors import InputError
 from jaxgen.metrics.cmmd import cmmd
 from jaxgen.metrics.encoder_features import (
@@ -28,7 +27,8 @@ from jaxgen.metrics.encoder_features import (
     clip_forward,
     dinov2_forward,
 )
-from jaxgen.metrics.evaluate import Side, _gather_rows, open_side, score_features
+from jaxgen.metrics.eval_parts import gather_rows, iterate_eval, largest_part
+from jaxgen.metrics.evaluate import EvalInput, open_eval_input, score_features
 from jaxgen.metrics.features import FeatureExtractor, default_batch_size
 from jaxgen.metrics.fid import frechet_distance
 from jaxgen.metrics.stats import MomentAccumulator
@@ -51,7 +51,7 @@ def _networks(metrics: set[str], features: str) -> dict[str, bool]:
     return nets
 
 
-def _featurize(side: Side, extractors: dict, keep: dict[str, bool], local_batch: int,
+def _featurize(side: EvalInput, extractors: dict, keep: dict[str, bool], local_batch: int,
                progress: bool) -> dict:
     """One pass over ``side``'s images through every extractor: statistics and kept rows."""
     if side.source is None:
@@ -71,7 +71,7 @@ def _featurize(side: Side, extractors: dict, keep: dict[str, bool], local_batch:
                 rows[key].append(f)
         steps += 1
         bar.update(len(images) * count)
-    for _ in range(-(-len(eval_part(n, 0, count)) // local_batch) - steps):
+    for _ in range(-(-largest_part(n, count) // local_batch) - steps):
         for ext in extractors.values():  # every process runs the sharded step equally often
             ext.idle_step(side.source.image_shape)
     bar.close()
@@ -79,7 +79,7 @@ def _featurize(side: Side, extractors: dict, keep: dict[str, bool], local_batch:
     for key, a in acc.items():
         a.allreduce()
         out[f"{key}_stats"] = a.finalize()
-    out.update({k: _gather_rows(np.concatenate(v), n) for k, v in rows.items()})
+    out.update({k: gather_rows(np.concatenate(v), n) for k, v in rows.items()})
     return out
 
 
@@ -129,7 +129,8 @@ def evaluate_encoders(
         raise InputError(f"metric(s) {sorted(m - allowed)} cannot be computed here; choose from "
                          f"{sorted(allowed)}.")
     nets = _networks(m, features)
-    sides = {"real": open_side(real, "real", num_real), "fake": open_side(fake, "fake", num_fake)}
+    sides = {"real": open_eval_input(real, "real", num_real),
+             "fake": open_eval_input(fake, "fake", num_fake)}
     forwards = {"dinov2": dinov2_forward, "clip": clip_forward,
                 "clean_pool3": clean_inception_forward}
     loaded, out = {}, {"features": features}

@@ -19,9 +19,11 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxgen.data import ArraySource, FirstN, ImageSource, eval_part, iterate_eval, open_source
+from jaxgen.data import ArraySource, FirstN, ImageSource, open_source
 from jaxgen.errors import InputError
 from jaxgen.files import as_path, is_local
+from jaxgen.metrics import defaults
+from jaxgen.metrics.eval_parts import gather_rows, iterate_eval, largest_part
 from jaxgen.metrics.features import FeatureExtractor, default_batch_size
 from jaxgen.metrics.fid import frechet_distance
 from jaxgen.metrics.fid_infinity import fid_infinity, is_infinity
@@ -34,8 +36,9 @@ METRICS = ("fid", "sfid", "is", "kid", "pr", "dc", "fid_inf", "is_inf")
 
 
 @dataclasses.dataclass
-class Side:
-    """One side of the comparison: images to featurise, or precomputed statistics."""
+class EvalInput:
+    """One input of the comparison (the real or the fake side): images to featurise,
+    precomputed statistics, or both (an ADM-layout npz)."""
 
     name: str
     source: ImageSource | None = None
@@ -43,11 +46,11 @@ class Side:
     spatial: GaussianStats | None = None
 
 
-def open_side(
+def open_eval_input(
     x: str | os.PathLike | np.ndarray | ImageSource | GaussianStats,
     name: str,
     num: int | None = None,
-) -> Side:
+) -> EvalInput:
     """Interpret one evaluation input.
 
     Accepts an :class:`ImageSource`, a uint8 image array, a
@@ -56,7 +59,7 @@ def open_side(
     needs features), or any spec :func:`jaxgen.data.open_source` accepts.
     ``num`` keeps only the first ``num`` images. Fewer than 2 images is an error.
     """
-    side = _open_side(x, name)
+    side = _open_eval_input(x, name)
     if side.source is not None:
         if num is not None:
             side.source = FirstN(side.source, num)
@@ -70,46 +73,48 @@ def open_side(
     return side
 
 
-def _open_side(x, name: str) -> Side:
+def _open_eval_input(x, name: str) -> EvalInput:
     if isinstance(x, GaussianStats):
-        return Side(name, stats=x)
+        return EvalInput(name, stats=x)
     if isinstance(x, ImageSource):
-        return Side(name, source=x)
+        return EvalInput(name, source=x)
     if isinstance(x, np.ndarray):
-        return Side(name, source=ArraySource(x, name))
+        return EvalInput(name, source=ArraySource(x, name))
     spec = os.fspath(x)
     path = as_path(os.path.expanduser(spec) if is_local(spec) else spec)
     if path.suffix.lower() == ".npz" and path.is_file():
         keys = read_npz(path)
         if "mu" in keys and "sigma" in keys:
-            side = Side(spec, stats=GaussianStats.load(path))
+            side = EvalInput(spec, stats=GaussianStats.load(path))
             if "mu_s" in keys and "sigma_s" in keys:
                 side.spatial = GaussianStats.load(path, spatial=True)
             if "arr_0" in keys:
                 side.source = ArraySource(keys["arr_0"], spec)
             return side
-    return Side(spec, source=open_source(spec))
+    return EvalInput(spec, source=open_source(spec))
 
 
 @dataclasses.dataclass
-class FeatureNeeds:
-    """Which features of one side the requested metrics need (statistics are always kept)."""
+class FeatureRequest:
+    """Which features of one :class:`EvalInput` the requested metrics need, as flags
+    (the pool3 statistics are always kept)."""
 
     pool3_stats: bool = False
     spatial_stats: bool = False
     pool3: bool = False
     logits: bool = False
 
-    def any_images(self, side: Side) -> bool:
+    def any_images(self, side: EvalInput) -> bool:
+        """Whether ``side``'s images must run through the network for this request."""
         stats_missing = (self.pool3_stats and side.stats is None) or (
             self.spatial_stats and side.spatial is None
         )
         return self.pool3 or self.logits or stats_missing
 
 
-def _needs(metrics: Sequence[str], fake: bool) -> FeatureNeeds:
+def _feature_request(metrics: Sequence[str], fake: bool) -> FeatureRequest:
     m = set(metrics)
-    return FeatureNeeds(
+    return FeatureRequest(
         pool3_stats=bool(m & {"fid", "fid_inf"}),
         spatial_stats="sfid" in m,
         pool3=bool(m & {"kid", "pr", "dc"}) or (fake and "fid_inf" in m),
@@ -117,7 +122,7 @@ def _needs(metrics: Sequence[str], fake: bool) -> FeatureNeeds:
     )
 
 
-def _check_logits(module, needs: FeatureNeeds) -> None:
+def _check_logits(module, needs: FeatureRequest) -> None:
     if needs.logits and not module.with_logits:
         raise InputError(
             f"IS needs Inception weights with logits; {module.source} has none. Put "
@@ -126,26 +131,9 @@ def _check_logits(module, needs: FeatureNeeds) -> None:
         )
 
 
-def _gather_rows(x: np.ndarray, n_total: int) -> np.ndarray:
-    """Concatenate every process's contiguous part of a feature array, in process order."""
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    width = max(len(eval_part(n_total, i, jax.process_count())) for i in range(jax.process_count()))
-    padded = np.zeros((width, *x.shape[1:]), x.dtype)
-    padded[: len(x)] = x
-    everything = np.asarray(multihost_utils.process_allgather(padded))
-    parts = [
-        everything[i, : len(eval_part(n_total, i, jax.process_count()))]
-        for i in range(jax.process_count())
-    ]
-    return np.concatenate(parts)
-
-
 def featurize(
-    side: Side,
-    needs: FeatureNeeds,
+    side: EvalInput,
+    needs: FeatureRequest,
     extractor: FeatureExtractor,
     *,
     progress: bool = True,
@@ -184,7 +172,7 @@ def featurize(
             keep["logits"].append(f["logits"])
         bar.update(len(images) * count)
     # Every process must run the jitted step equally often; parts differ by <= 1 image.
-    max_steps = -(-len(eval_part(n, 0, count)) // extractor.local_batch)
+    max_steps = -(-largest_part(n, count) // extractor.local_batch)
     for _ in range(max_steps - steps):
         extractor.idle_step(side.source.image_shape)
     bar.close()
@@ -196,7 +184,7 @@ def featurize(
     }
     for key, parts in keep.items():
         if parts:
-            out[key] = _gather_rows(np.concatenate(parts), n)
+            out[key] = gather_rows(np.concatenate(parts), n)
     return out
 
 
@@ -208,14 +196,15 @@ def evaluate(
     batch_size: int | None = None,
     mesh: Mesh | None = None,
     inception: tuple | None = None,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    pr_k: int = 3,
-    dc_k: int = 5,
-    is_splits: int = 10,
-    inf_points: int = 15,
-    inf_min_n: int = 5000,
-    seed: int = 0,
+    kid_subsets: int = defaults.KID_SUBSETS,
+    kid_subset_size: int = defaults.KID_SUBSET_SIZE,
+    pr_k: int = defaults.PR_K,
+    dc_k: int = defaults.DC_K,
+    is_splits: int = defaults.IS_SPLITS,
+    is_seed: int | None = defaults.IS_SEED,
+    inf_points: int = defaults.INF_POINTS,
+    inf_min_n: int = defaults.INF_MIN_N,
+    seed: int = defaults.SEED,
     num_real: int | None = None,
     num_fake: int | None = None,
     progress: bool = True,
@@ -233,10 +222,13 @@ def evaluate(
       inception: ``(module, variables)``; default :func:`load_inception`.
       kid_subsets, kid_subset_size: KID's subsets (torch-fidelity's defaults).
       pr_k, dc_k: neighbourhood sizes for precision/recall and density/coverage.
-      is_splits: Inception Score splits (rows in order, as the original code).
+      is_splits: Inception Score splits.
+      is_seed: seed of IS's row shuffle; ``None`` keeps the rows in order, as the
+        original IS code and the ADM evaluator (2020 reproduces torch-fidelity).
       inf_points, inf_min_n: FID-inf / IS-inf fit at ``inf_points`` sample
         counts from ``inf_min_n`` to all fake images (Chong & Forsyth 2020).
       seed: seed of KID's subset draws and of FID-inf/IS-inf's subsets.
+        The defaults of the metric options are :mod:`jaxgen.metrics.defaults`.
       num_real, num_fake: use only the first this many images of a side.
       progress: show a progress bar on stderr.
 
@@ -252,7 +244,10 @@ def evaluate(
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise InputError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}.")
-    sides = {"real": open_side(real, "real", num_real), "fake": open_side(fake, "fake", num_fake)}
+    sides = {
+        "real": open_eval_input(real, "real", num_real),
+        "fake": open_eval_input(fake, "fake", num_fake),
+    }
     if {"is", "is_inf", "fid_inf"} & set(metrics) and sides["fake"].source is None:
         raise InputError(
             f"{sides['fake'].name}: IS, IS-inf and FID-inf need the fake images, not statistics."
@@ -267,8 +262,11 @@ def evaluate(
         from jaxgen.metrics.weights import load_inception
 
         inception = load_inception()
-    _check_logits(inception[0], _needs(metrics, fake=True))
-    todo = {k: s for k, s in sides.items() if _needs(metrics, fake=k == "fake").any_images(s)}
+    _check_logits(inception[0], _feature_request(metrics, fake=True))
+    todo = {
+        k: s for k, s in sides.items()
+        if _feature_request(metrics, fake=k == "fake").any_images(s)
+    }
     if todo:
         # No step larger than the data: padding 6 images to 100 would waste 94 images of work.
         batch_size = batch_size or default_batch_size(mesh)
@@ -280,7 +278,7 @@ def evaluate(
     for key, side in sides.items():
         if key in todo:
             feats[key] = featurize(
-                side, _needs(metrics, fake=key == "fake"), extractor, progress=progress
+                side, _feature_request(metrics, fake=key == "fake"), extractor, progress=progress
             )
         else:
             feats[key] = {}
@@ -304,6 +302,7 @@ def evaluate(
         pr_k=pr_k,
         dc_k=dc_k,
         is_splits=is_splits,
+        is_seed=is_seed,
         inf_points=inf_points,
         inf_min_n=inf_min_n,
         seed=seed,
@@ -320,14 +319,15 @@ def score_features(
     metrics: Sequence[str] = ("fid",),
     *,
     mesh: Mesh | None = None,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    pr_k: int = 3,
-    dc_k: int = 5,
-    is_splits: int = 10,
-    inf_points: int = 15,
-    inf_min_n: int = 5000,
-    seed: int = 0,
+    kid_subsets: int = defaults.KID_SUBSETS,
+    kid_subset_size: int = defaults.KID_SUBSET_SIZE,
+    pr_k: int = defaults.PR_K,
+    dc_k: int = defaults.DC_K,
+    is_splits: int = defaults.IS_SPLITS,
+    is_seed: int | None = defaults.IS_SEED,
+    inf_points: int = defaults.INF_POINTS,
+    inf_min_n: int = defaults.INF_MIN_N,
+    seed: int = defaults.SEED,
 ) -> dict[str, float | int | str | list]:
     """The metrics of :func:`evaluate` from features already extracted (every metric but
     the feature pass; arguments as there).
@@ -345,7 +345,7 @@ def score_features(
     if unknown:
         raise InputError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}.")
     for name, side in (("real", real), ("fake", fake)):
-        needs = _needs(metrics, fake=name == "fake")
+        needs = _feature_request(metrics, fake=name == "fake")
         fields = ("pool3_stats", "spatial_stats", "pool3", "logits")
         missing = [k for k in fields if getattr(needs, k) and k not in side]
         if missing:
@@ -359,7 +359,7 @@ def score_features(
     if "sfid" in metrics:
         out["sfid"] = frechet_distance(real["spatial_stats"], fake["spatial_stats"])
     if "is" in metrics:
-        out["is_mean"], out["is_std"] = inception_score(fake["logits"], is_splits, seed=None)
+        out["is_mean"], out["is_std"] = inception_score(fake["logits"], is_splits, seed=is_seed)
     if "kid" in metrics:
         out["kid_mean"], out["kid_std"] = kid(
             real["pool3"], fake["pool3"], kid_subsets, kid_subset_size, seed, mesh=mesh
@@ -386,7 +386,7 @@ def _points(fit) -> list[list[float]]:
     return [[int(n), float(v)] for n, v in zip(fit.n, fit.scores, strict=True)]
 
 
-def _count(side: Side, f: dict) -> int | None:
+def _count(side: EvalInput, f: dict) -> int | None:
     stats = f.get("pool3_stats")
     if side.source is not None:
         return len(side.source)

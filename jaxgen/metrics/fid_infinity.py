@@ -18,9 +18,10 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxgen.errors import InputError
+from jaxgen.metrics import defaults
 from jaxgen.metrics._common import as_features
 from jaxgen.metrics.fid import psd_factor, trace_sqrt
-from jaxgen.metrics.inception_score import _check_logits, probs_and_entropy, score_from_sums
+from jaxgen.metrics.inception_score import check_logits, probs_and_entropy, score_from_sums
 from jaxgen.metrics.stats import CHUNK_ROWS, GaussianStats, gram
 
 
@@ -62,9 +63,9 @@ def _fit(n: np.ndarray, scores: np.ndarray) -> Extrapolation:
 def fid_infinity(
     f_real_stats_or_features: GaussianStats | np.ndarray,
     f_fake: np.ndarray,
-    num_points: int = 15,
-    min_n: int = 5000,
-    seed: int = 0,
+    num_points: int = defaults.INF_POINTS,
+    min_n: int = defaults.INF_MIN_N,
+    seed: int = defaults.SEED,
 ) -> Extrapolation:
     """FID_inf: FID_N of fake subsets against the real statistics, extrapolated to N = inf.
 
@@ -143,10 +144,10 @@ def fid_infinity(
 
 def is_infinity(
     logits_fake: np.ndarray,
-    num_points: int = 15,
-    min_n: int = 5000,
-    seed: int = 0,
-    splits: int = 1,
+    num_points: int = defaults.INF_POINTS,
+    min_n: int = defaults.INF_MIN_N,
+    seed: int = defaults.SEED,
+    splits: int = defaults.IS_INF_SPLITS,
 ) -> Extrapolation:
     """IS_inf: Inception Score of fake subsets, extrapolated to N = inf.
 
@@ -168,7 +169,7 @@ def is_infinity(
       InputError: for malformed logits, ``num_points < 2``, ``min_n < max(2,
         splits)`` or too few samples.
     """
-    logits = _check_logits(logits_fake, "logits_fake")
+    logits = check_logits(logits_fake, "logits_fake")
     if not 1 <= splits <= min_n:
         raise InputError(f"splits={splits} must be between 1 and min_n={min_n}.")
     n = _sample_counts(logits.shape[0], num_points, min_n, "logits_fake")

@@ -6,11 +6,12 @@ import numpy as np
 from scipy.special import logsumexp, xlogy
 
 from jaxgen.errors import InputError
+from jaxgen.metrics import defaults
 
 _ROWS = 4096  # rows converted to float64 at a time
 
 
-def _check_logits(logits: np.ndarray, name: str = "logits") -> np.ndarray:
+def check_logits(logits: np.ndarray, name: str = "logits") -> np.ndarray:
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] < 2 or not np.issubdtype(logits.dtype, np.number):
         raise InputError(
@@ -57,14 +58,14 @@ def _split_scores(logits: np.ndarray, splits: int) -> np.ndarray:
 
 
 def inception_score(
-    logits: np.ndarray, splits: int = 10, *, seed: int | None = 0
+    logits: np.ndarray, splits: int = defaults.IS_SPLITS, *, seed: int | None = defaults.IS_SEED
 ) -> tuple[float, float]:
     """Inception Score of ``logits``: mean and (population) std over ``splits`` chunks.
 
     Follows torch-fidelity's ``isc_features_to_metric``, itself the original
     IS code (openai/improved-gan) in float64: rows are shuffled with
     ``np.random.RandomState(seed).permutation`` (skipped for ``seed=None``,
-    as in the original code and the ADM evaluator), chunk ``i`` is rows
+    the default, as in the original code and the ADM evaluator), chunk ``i`` is rows
     ``i N // splits`` to ``(i + 1) N // splits``, and each chunk scores
     ``exp(mean_x KL(p(y|x) || mean_x p(y|x)))`` with ``p = softmax(logits)``
     in float64. torch-fidelity's default ``rng_seed`` is 2020: pass
@@ -76,7 +77,8 @@ def inception_score(
         layer (torch-fidelity's ``logits_unbiased``, the TF graph's
         ``softmax/logits`` MatMul), as the original IS code used them.
       splits: number of chunks, ``1 <= splits <= N``.
-      seed: seed of the row permutation, or ``None`` to keep the order given.
+      seed: seed of the row permutation, or ``None`` to keep the order given
+        (:data:`jaxgen.metrics.defaults.IS_SEED`).
 
     Returns:
       ``(mean, std)`` of the per-chunk scores.
@@ -84,7 +86,7 @@ def inception_score(
     Raises:
       InputError: for logits that are not ``[N, C]`` or not finite, or a bad ``splits``.
     """
-    logits = _check_logits(logits)
+    logits = check_logits(logits)
     n = logits.shape[0]
     if not 1 <= splits <= n:
         raise InputError(

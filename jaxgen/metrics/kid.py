@@ -18,6 +18,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxgen.errors import InputError
+from jaxgen.metrics import defaults
 from jaxgen.metrics._common import as_feature_pair, local_mesh
 from jaxgen.parallel import batch_sharding, pad_batch, replicated
 
@@ -56,9 +57,9 @@ def _kernel_row_sums(f_real, f_fake, idx_real, idx_fake, *, mesh: Mesh) -> jax.A
 def kid(
     f_real: np.ndarray,
     f_fake: np.ndarray,
-    subsets: int = 100,
-    subset_size: int = 1000,
-    seed: int = 0,
+    subsets: int = defaults.KID_SUBSETS,
+    subset_size: int = defaults.KID_SUBSET_SIZE,
+    seed: int = defaults.SEED,
     *,
     mesh: Mesh | None = None,
 ) -> tuple[float, float]:

@@ -68,6 +68,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxgen.errors import InputError
+from jaxgen.metrics import defaults
 from jaxgen.metrics._common import as_feature_pair, local_mesh
 from jaxgen.parallel import batch_sharding, pad_batch, replicated
 
@@ -245,8 +246,8 @@ def prdc(
     f_real: np.ndarray,
     f_fake: np.ndarray,
     *,
-    k_pr: int | None = 3,
-    k_dc: int | None = 5,
+    k_pr: int | None = defaults.PR_K,
+    k_dc: int | None = defaults.DC_K,
     block_size: int = DEFAULT_BLOCK,
     mesh: Mesh | None = None,
 ) -> dict[str, float]:
@@ -340,7 +341,7 @@ def prdc(
 def precision_recall(
     f_real: np.ndarray,
     f_fake: np.ndarray,
-    k: int = 3,
+    k: int = defaults.PR_K,
     *,
     block_size: int = DEFAULT_BLOCK,
     mesh: Mesh | None = None,
@@ -360,7 +361,7 @@ def precision_recall(
 def density_coverage(
     f_real: np.ndarray,
     f_fake: np.ndarray,
-    k: int = 5,
+    k: int = defaults.DC_K,
     *,
     block_size: int = DEFAULT_BLOCK,
     mesh: Mesh | None = None,

@@ -14,22 +14,18 @@ import flax.linen as nn
 from jaxgen.errors import InputError
 from jaxgen.models.autoencoder import VAE_PRESETS, AutoencoderKL, sample_latent, vae
 from jaxgen.models.checkpoints import export_weights, load_weights
+from jaxgen.models.contract import as_model_fn
 from jaxgen.models.dit import DIT_PATCHES, DIT_SIZES, DiT, DiTBlock, dit
 from jaxgen.models.edm2 import EDM2, EDM2_PRESETS, edm2, force_normalize
+from jaxgen.models.inspection import abstract_init, count_params, forward_flops, param_table
 from jaxgen.models.layers import (
-    LOGICAL_AXIS_RULES,
     Attention,
     LabelEmbedder,
     TimestepEmbedder,
-    abstract_init,
-    as_model_fn,
-    count_params,
-    forward_flops,
-    param_shardings,
-    param_table,
     sincos_pos_embed_2d,
     sinusoidal_embedding,
 )
+from jaxgen.models.sharding import LOGICAL_AXIS_RULES, param_shardings
 from jaxgen.models.unet import UNET_PRESETS, AttnBlock, ResBlock, UNet, unet
 
 MODEL_NAMES: tuple[str, ...] = (

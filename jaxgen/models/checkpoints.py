@@ -19,12 +19,21 @@ Formats, one name table each:
   ``ema`` sub-dict of a training checkpoint is used when present) and
   ``"diffusers"`` (``DiTTransformer2DModel``, facebook/DiT-XL-2-256 ``transformer/``).
 - :class:`UNet`: ``"diffusers"`` (``UNet2DModel``, google/ddpm-cifar10-32).
+- :class:`EDM2`: ``"edm2"`` (NVlabs/edm2's ``Precond``, whose names map one to
+  one: ``unet.enc.64x64_block0.conv_res0.weight`` is
+  ``unet/enc_64x64_block0/conv_res0/weight``; the Fourier ``freqs`` and
+  ``phases`` are buffers, returned in the ``buffers`` collection).
 
 Files: ``*.safetensors`` (through ``safetensors.numpy``), ``*.bin`` / ``*.pt`` /
 ``*.pth`` / ``*.ckpt`` (through :func:`jaxgen.weights.read_torch_file`, which
-refuses any pickle that asks for code), or a diffusers folder (its
+refuses any pickle that asks for code), NVlabs network pickles ``*.pkl`` (EDM2's
+released ``edm2-img512-xs-2147483-0.135.pkl``, snapshots, ``phema-*.pkl``: their
+``ema`` network through
+:func:`jaxgen.weights.persistence_pickle.read_network_pickle`, which never
+compiles the source code embedded in them), or a diffusers folder (its
 ``diffusion_pytorch_model.*``, also in the ``vae/``, ``transformer/`` or ``unet/``
 subfolder of a pipeline, sharded files through their ``.index.json``).
+:func:`convert_state_dict` does the same from tensors already in memory.
 
 What differs between the released networks and jaxgen's modules:
 
@@ -65,8 +74,10 @@ import safetensors.numpy
 from jaxgen.errors import InputError
 from jaxgen.models.autoencoder import AutoencoderKL
 from jaxgen.models.dit import DiT
+from jaxgen.models.edm2 import EDM2
 from jaxgen.models.unet import UNet
 from jaxgen.weights import read_torch_file
+from jaxgen.weights.persistence_pickle import read_network_pickle
 
 Tensors = dict[str, np.ndarray]
 ParamPath = tuple[str, ...]
@@ -92,6 +103,7 @@ KNOWN_FILES: dict[str, str] = {
 
 _DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_NETWORK_PICKLE = ".pkl"
 
 
 # ---------------------------------------------------------------------------
@@ -265,6 +277,23 @@ def _unet_table(fmt: str, model: UNet) -> Callable[[ParamPath], list]:
     return source
 
 
+def _edm2_table(fmt: str, model: EDM2) -> Callable[[ParamPath], list]:
+    del fmt, model
+
+    def source(path: ParamPath) -> list:
+        head, *rest = path
+        if head == "unet" and rest[0].startswith(("enc_", "dec_")):  # enc.64x64_block0
+            rest = [*rest[0].split("_", 1), *rest[1:]]
+        keys = (".".join([head, *rest]),)
+        if path[-1] != "weight":  # gains, Fourier frequencies and phases
+            return [(keys, "copy")]
+        # MPConv weights: linear (kernel 0) in the embeddings and the logvar head, else conv.
+        linear = path[-2] in ("emb_noise", "emb_label", "emb_linear", "logvar_linear")
+        return [(keys, "linear" if linear else "conv")]
+
+    return source
+
+
 class _Format(NamedTuple):
     family: type
     name: str
@@ -272,6 +301,7 @@ class _Format(NamedTuple):
     table: Callable[[str, Any], Callable[[ParamPath], list]]
     ignored: tuple[str, ...] = ()  # tensors of the file that jaxgen recomputes
     subfolder: str = ""
+    collections: tuple[str, ...] = ("params",)  # the model's variables the file holds
 
     def sources(self, model: Any) -> Callable[[ParamPath], list]:
         """``path → [(source keys, kind), ...]`` for ``model``'s parameters in this format."""
@@ -297,6 +327,8 @@ FORMATS: tuple[_Format, ...] = (
     _Format(DiT, "dit", "x_embedder.proj.weight", _dit_table, ignored=("pos_embed",)),
     _Format(DiT, "diffusers", "pos_embed.proj.weight", _dit_table, subfolder="transformer"),
     _Format(UNet, "diffusers", "time_embedding.linear_1.weight", _unet_table, subfolder="unet"),
+    _Format(EDM2, "edm2", "unet.emb_fourier.freqs", _edm2_table,
+            collections=("params", "buffers")),
 )
 """Every checkpoint format :func:`load_weights` reads, per model class."""
 
@@ -322,8 +354,9 @@ def read_state_dict(path: str | os.PathLike, subfolder: str = "") -> Tensors:
     """All tensors of a weight file or diffusers folder, by name, as NumPy arrays.
 
     Args:
-      path: a ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` file, or a
-        folder holding ``diffusion_pytorch_model.*`` (itself or in ``subfolder``).
+      path: a ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` file, an
+        NVlabs network pickle ``.pkl`` (its ``ema`` network), or a folder holding
+        ``diffusion_pytorch_model.*`` (itself or in ``subfolder``).
       subfolder: the pipeline subfolder to look in when ``path`` is a pipeline
         folder (``"vae"``, ``"transformer"``, ``"unet"``).
 
@@ -339,7 +372,7 @@ def read_state_dict(path: str | os.PathLike, subfolder: str = "") -> Tensors:
         raise InputError(
             f"{path}: no such file"
             + (f"; download it from {source}." if source else
-               "; pass a .safetensors/.bin/.pt/.pth/.ckpt file or a diffusers folder.")
+               "; pass a .safetensors/.bin/.pt/.pth/.ckpt/.pkl file or a diffusers folder.")
         )
     if path.suffix == ".safetensors":
         try:
@@ -348,9 +381,12 @@ def read_state_dict(path: str | os.PathLike, subfolder: str = "") -> Tensors:
             raise InputError(f"{path}: not a readable safetensors file ({e}).") from None
     if path.suffix in _TORCH_SUFFIXES:
         return read_torch_file(path.read_bytes(), str(path))
+    if path.suffix == _NETWORK_PICKLE:
+        return read_network_pickle(path.read_bytes(), str(path))
     raise InputError(
-        f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors or one of "
-        f"{list(_TORCH_SUFFIXES)} (PyTorch), or a diffusers folder."
+        f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors, one of "
+        f"{list(_TORCH_SUFFIXES)} (PyTorch), {_NETWORK_PICKLE} (NVlabs network pickle), or a "
+        "diffusers folder."
     )
 
 
@@ -388,8 +424,11 @@ def _unwrap(tensors: Tensors, model: Any) -> Tensors:
 # Conversion.
 
 
-def _abstract_params(model: Any, in_channels: int) -> dict[ParamPath, jax.ShapeDtypeStruct]:
-    """Flat ``{path: ShapeDtypeStruct}`` of the model's parameters (per-block DiT layout)."""
+def _abstract_variables(
+    model: Any, in_channels: int, collections: tuple[str, ...]
+) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+    """Flat ``{(collection, *path): ShapeDtypeStruct}`` of the model's variables in
+    ``collections`` (per-block DiT layout)."""
     if getattr(model, "scan_blocks", False):
         model = model.clone(scan_blocks=False)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
@@ -397,18 +436,23 @@ def _abstract_params(model: Any, in_channels: int) -> dict[ParamPath, jax.ShapeD
         x = jax.ShapeDtypeStruct((1, model.factor, model.factor, model.in_channels), jnp.float32)
         tree = jax.eval_shape(model.init, key, x)
     else:
-        size = model.patch if isinstance(model, DiT) else 2 ** (len(model.ch_mult) - 1)
+        size = (model.patch if isinstance(model, DiT)
+                else model.img_resolution if isinstance(model, EDM2)  # it checks the input size
+                else 2 ** (len(model.ch_mult) - 1))
         x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
         t = jax.ShapeDtypeStruct((1,), jnp.float32)
         cond = {"label": jax.ShapeDtypeStruct((1,), jnp.int32)} if model.num_classes else None
         tree = jax.eval_shape(lambda k, x, t, c: model.init(k, x, t, c), key, x, t, cond)
-    return flax.traverse_util.flatten_dict(flax.linen.unbox(tree)["params"])
+    flat = flax.traverse_util.flatten_dict(flax.linen.unbox(tree))
+    return {path: shape for path, shape in flat.items() if path[0] in collections}
 
 
 def _in_channels(model: Any, fmt: _Format, tensors: Tensors, where: str) -> int:
     """Image channels of the checkpoint (DiT and U-Net take them from their input)."""
     if isinstance(model, AutoencoderKL):
         return model.in_channels
+    if isinstance(model, EDM2):
+        return model.img_channels
     name = fmt.marker if isinstance(model, DiT) else "conv_in.weight"
     if name not in tensors or tensors[name].ndim != 4:
         raise InputError(f"{where}: no 4-D tensor {name!r}, the input convolution of this format.")
@@ -437,11 +481,13 @@ def load_weights(path: str | os.PathLike, model: Any) -> dict[str, Any]:
 
     Args:
       path: a weight file or a diffusers (model or pipeline) folder.
-      model: the jaxgen module the weights are for, e.g. ``create_model("vae-sd")``
-        or ``create_model("DiT-XL/2")``; its configuration must match the file's.
+      model: the jaxgen module the weights are for, e.g. ``create_model("vae-sd")``,
+        ``create_model("DiT-XL/2")`` or ``edm2("xs")``; its configuration must
+        match the file's.
 
     Returns:
-      ``{"params": ...}`` float arrays in the model's ``param_dtype``.
+      ``{"params": ...}`` (for EDM2 also ``"buffers"``) float arrays in the
+      model's ``param_dtype``.
 
     Raises:
       InputError: a missing or unreadable file, weights of another model or
@@ -449,15 +495,35 @@ def load_weights(path: str | os.PathLike, model: Any) -> dict[str, Any]:
         named), or diffusers DiT blocks whose shared embedders differ.
     """
     subfolder = next((f.subfolder for f in _formats_of(model) if f.subfolder), "")
-    tensors = _unwrap(read_state_dict(path, subfolder), model)
-    fmt = _detect(tensors, model, str(path))
-    shapes = _abstract_params(model, _in_channels(model, fmt, tensors, str(path)))
+    return convert_state_dict(read_state_dict(path, subfolder), model, str(path))
+
+
+def convert_state_dict(tensors: Tensors, model: Any, where: str = "state dict") -> dict[str, Any]:
+    """Variables for ``model.apply`` from a released checkpoint's tensors already in memory.
+
+    What :func:`load_weights` does once the file is read: the same formats,
+    checks and errors.
+
+    Args:
+      tensors: name → array, e.g. from :func:`read_state_dict`.
+      model: the jaxgen module the weights are for (as for :func:`load_weights`).
+      where: the tensors' origin, for error messages.
+
+    Returns:
+      As :func:`load_weights`.
+
+    Raises:
+      InputError: as :func:`load_weights`, for the tensors.
+    """
+    tensors = _unwrap(tensors, model)
+    fmt = _detect(tensors, model, where)
+    shapes = _abstract_variables(model, _in_channels(model, fmt, tensors, where), fmt.collections)
     source = fmt.sources(model)
     flat: dict[ParamPath, np.ndarray] = {}
     used = {k for k in tensors if k.split(".")[0] in fmt.ignored}
     missing, mismatched, untied = [], [], []
     for path_ in shapes:
-        for keys, kind in source(path_):
+        for keys, kind in source(path_[1:]):
             absent = [k for k in keys if k not in tensors]
             missing += absent
             used.update(keys)
@@ -471,7 +537,7 @@ def load_weights(path: str | os.PathLike, model: Any) -> dict[str, Any]:
             if value is None or value.shape != want.shape:
                 got = "unusable" if value is None else value.shape
                 mismatched.append(f"{'+'.join(keys)} {tuple(tensors[keys[0]].shape)} → "
-                                  f"{'/'.join(path_)} {got} but the model has {want.shape}")
+                                  f"{'/'.join(path_[1:])} {got} but the model has {want.shape}")
                 continue
             value = value.astype(want.dtype)
             if path_ in flat and not np.array_equal(flat[path_], value):
@@ -485,16 +551,16 @@ def load_weights(path: str | os.PathLike, model: Any) -> dict[str, Any]:
                  f"per-block embedders differ from block 0 (jaxgen's DiT shares one): "
                  f"{_listing(untied, 5)}" if untied else ""]
         raise InputError(
-            f"{path}: does not fit {type(model).__name__}({_config(model)}) as a {fmt.name} "
+            f"{where}: does not fit {type(model).__name__}({_config(model)}) as a {fmt.name} "
             f"checkpoint: {'; '.join(p for p in parts if p)}. Build the model with the "
             "checkpoint's configuration."
         )
-    params = flax.traverse_util.unflatten_dict(flat)
+    variables = flax.traverse_util.unflatten_dict(flat)
     if getattr(model, "scan_blocks", False):
         from jaxgen.models.dit import stack_blocks
 
-        params = stack_blocks(params, model.depth)
-    return {"params": jax.tree.map(jnp.asarray, params)}
+        variables["params"] = stack_blocks(variables["params"], model.depth)
+    return jax.tree.map(jnp.asarray, variables)
 
 
 def export_weights(variables: Any, model: Any, fmt: str | None = None) -> Tensors:
@@ -505,7 +571,7 @@ def export_weights(variables: Any, model: Any, fmt: str | None = None) -> Tensor
     diffusers' ``from_pretrained``) reads back bit-exactly.
 
     Args:
-      variables: ``{"params": ...}`` of ``model``.
+      variables: ``{"params": ...}`` of ``model`` (for EDM2 also ``"buffers"``).
       model: the module the variables belong to.
       fmt: a format name of the model's class (:data:`FORMATS`); default the
         first (``"diffusers"`` for autoencoders and U-Nets, ``"dit"`` for DiT).
@@ -514,22 +580,27 @@ def export_weights(variables: Any, model: Any, fmt: str | None = None) -> Tensor
       ``{name: float array}`` in PyTorch layouts.
 
     Raises:
-      InputError: an unknown format for this model.
+      InputError: an unknown format for this model, or variables without a
+        collection the format holds.
     """
     formats = _formats_of(model)
     chosen = next((f for f in formats if fmt in (None, f.name)), None)
     if chosen is None:
         raise InputError(f"export_weights: format {fmt!r} unknown for a {type(model).__name__}; "
                          f"expected one of {[f.name for f in formats]}.")
-    params = flax.linen.unbox(variables["params"])
-    if "blocks" in params and isinstance(model, DiT):
+    lacking = [c for c in chosen.collections if c not in variables]
+    if lacking:
+        raise InputError(f"export_weights: the variables lack {lacking}, which the "
+                         f"{chosen.name} format holds; pass all of model.init's variables.")
+    variables = {c: flax.linen.unbox(variables[c]) for c in chosen.collections}
+    if "blocks" in variables["params"] and isinstance(model, DiT):
         from jaxgen.models.dit import unstack_blocks
 
-        params = unstack_blocks(params)
+        variables["params"] = unstack_blocks(variables["params"])
     source = chosen.sources(model)
     out: Tensors = {}
-    for path_, value in flax.traverse_util.flatten_dict(params).items():
-        for keys, kind in source(path_):
+    for path_, value in flax.traverse_util.flatten_dict(variables).items():
+        for keys, kind in source(path_[1:]):
             for key, part in zip(keys, _from_flax(kind, np.asarray(value), len(keys)), strict=True):
                 out[key] = np.ascontiguousarray(part)
     return out
@@ -537,5 +608,6 @@ def export_weights(variables: Any, model: Any, fmt: str | None = None) -> Tensor
 
 def _config(model: Any) -> str:
     fields = ("channels", "latent_channels", "patch", "hidden", "depth", "num_classes",
-              "learn_sigma", "ch", "ch_mult")
+              "learn_sigma", "ch", "ch_mult", "img_resolution", "img_channels", "model_channels",
+              "channel_mult", "num_blocks", "logvar_channels")
     return ", ".join(f"{f}={getattr(model, f)}" for f in fields if hasattr(model, f))

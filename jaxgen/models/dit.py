@@ -28,18 +28,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.errors import InputError
+from jaxgen.models.contract import Cond, check_inputs, split_cond
 from jaxgen.models.layers import (
     Array,
     Attention,
-    Cond,
     Dtype,
     LabelEmbedder,
     TimestepEmbedder,
-    check_inputs,
     conv,
     dense,
     sincos_pos_embed_2d,
-    split_cond,
     zeros,
 )
 

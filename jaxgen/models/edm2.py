@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.errors import InputError
-from jaxgen.models.layers import Array, Cond, Dtype, check_inputs, split_cond
+from jaxgen.models.contract import Cond, check_inputs, split_cond
+from jaxgen.models.layers import Array, Dtype
 
 EDM2_SIZES: dict[str, dict[str, Any]] = {
     "xs": dict(model_channels=128, dropout=0.0),
@@ -248,7 +249,7 @@ class EDM2UNet(nn.Module):
     """The EDM2 U-Net backbone ``F(c_in x, c_noise, labels)`` (Figure 21).
 
     Submodule names follow the official ``enc``/``dec`` keys with ``.`` → ``_``
-    (``enc_64x64_block0``), so :mod:`jaxgen.models.edm2_weights` maps state
+    (``enc_64x64_block0``), so :func:`jaxgen.models.load_weights` maps state
     dicts by name.
     """
 

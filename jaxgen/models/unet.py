@@ -38,18 +38,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxgen.errors import InputError
+from jaxgen.models.contract import Cond, check_inputs, split_cond
 from jaxgen.models.layers import (
     Array,
     Attention,
-    Cond,
     Dtype,
     LabelEmbedder,
     TimestepEmbedder,
-    check_inputs,
     conv,
     dense,
     group_norm,
-    split_cond,
     zeros,
 )
 

@@ -107,7 +107,12 @@ def _run(config: _Config, params, key, first_index, ts, x_T, cond, uncond, gpara
 _run_jit = jax.jit(_run, static_argnums=0)
 
 
-def _check_solver(solver: str, options: dict | None) -> tuple[SolverSpec, tuple]:
+def check_solver(solver: str, options: dict | None) -> tuple[SolverSpec, tuple]:
+    """The spec of ``solver`` and its ``options`` as a sorted tuple (hashable, for jit).
+
+    Raises:
+      InputError: an unknown solver, or options it does not take.
+    """
     if solver not in SOLVERS:
         raise InputError(f"solver={solver!r}: use one of {', '.join(SOLVERS)}.")
     spec, options = SOLVERS[solver], dict(options or {})
@@ -203,7 +208,7 @@ def sample(
       With autoguidance each evaluation calls two models; with CFG it is one
       call on a doubled batch.
     """
-    spec, options = _check_solver(solver, solver_options)
+    spec, options = check_solver(solver, solver_options)
     if not isinstance(steps, int | np.integer) or steps < 1:
         raise InputError(f"steps={steps!r} must be an int >= 1.")
     check_prediction(prediction)

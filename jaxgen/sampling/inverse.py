@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from jaxgen.errors import InputError
-from jaxgen.sampling.driver import SOLVERS, _check_solver
+from jaxgen.sampling.driver import SOLVERS, check_solver
 from jaxgen.sampling.grids import make_grid
 from jaxgen.sampling.guidance import make_denoiser
 
@@ -297,7 +297,7 @@ def posterior_sample(
         raise InputError(
             f"noise_std={noise_std}, data_var={data_var}, zeta={zeta}: need >= 0, > 0."
         )
-    spec, options = _check_solver(solver, solver_options)
+    spec, options = check_solver(solver, solver_options)
     shape = tuple(int(s) for s in shape)
     want = tuple(operator.out_shape(shape))
     if tuple(jnp.shape(y)) != want:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxgen.diffusion.predictions import check_prediction
 from jaxgen.errors import InputError
-from jaxgen.sampling.driver import SOLVERS, _check_solver, sample
+from jaxgen.sampling.driver import SOLVERS, check_solver, sample
 from jaxgen.sampling.guidance import make_denoiser
 
 
@@ -64,7 +64,7 @@ def solver_step(
       ``step(x, sigma_from, sigma_to, cond) -> x`` with ``[B]`` noise levels.
     """
     check_prediction(prediction)
-    spec, options = _check_solver(solver, solver_options)
+    spec, options = check_solver(solver, solver_options)
     opts = _check_deterministic(solver, options)
     no_keys = jax.random.split(jax.random.key(0), 1)  # deterministic solvers draw nothing
 
@@ -115,7 +115,7 @@ def reflow_pairs(
     Returns:
       ``(z, x0)``, both of ``shape``; ``z`` is standard normal.
     """
-    _, options = _check_solver(solver, sample_kwargs.get("solver_options"))
+    _, options = check_solver(solver, sample_kwargs.get("solver_options"))
     _check_deterministic(solver, options)
     ids = first_index + jnp.arange(shape[0])
     draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(shape[1:]))

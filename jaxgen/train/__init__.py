@@ -1,20 +1,13 @@
-"""Training: train state, optimizer, EMA, sharded train step, checkpoints, evaluation, loop.
+"""Training: train state, optimizer, EMA, sharded train step, checkpoints, the loop, and
+its monitoring (sample grids, FID).
 
-    python -m jaxgen.train --config configs/fashion_mnist.py --workdir runs/fm
+    python -m jaxgen.train --config jaxgen/configs/fashion_mnist.py --workdir runs/fm
 
 :func:`train_and_evaluate` is the loop the command runs; the pieces are
-usable on their own (``make_setup`` -> ``init_state`` -> ``make_train_step``).
+usable on their own (``make_run_parts`` -> ``init_state`` -> ``make_train_step``).
 """
 
 from jaxgen.train.checkpoint import Checkpointer
-from jaxgen.train.evaluation import (
-    class_labels,
-    fid_of_samples,
-    image_grid,
-    reference_stats,
-    sample_images,
-    save_png,
-)
 from jaxgen.train.loop import (
     TrainingDiverged,
     TrainingInterrupted,
@@ -22,19 +15,27 @@ from jaxgen.train.loop import (
     describe,
     train_and_evaluate,
 )
+from jaxgen.train.monitoring import (
+    class_labels,
+    fid_of_samples,
+    image_grid,
+    reference_stats,
+    sample_images,
+    save_png,
+)
 from jaxgen.train.run import Run, load_run
 from jaxgen.train.state import (
     PROCESSES,
     LossFn,
-    Setup,
+    RunParts,
     TrainState,
     abstract_state,
     ema_decay,
     ema_name,
     init_state,
     make_optimizer,
+    make_run_parts,
     make_schedule,
-    make_setup,
     make_train_step,
     state_shardings,
 )
@@ -46,7 +47,7 @@ __all__ = [
     "LossFn",
     "MetricWriter",
     "Run",
-    "Setup",
+    "RunParts",
     "TensorBoardWriter",
     "TrainState",
     "TrainingDiverged",
@@ -62,8 +63,8 @@ __all__ = [
     "init_state",
     "load_run",
     "make_optimizer",
+    "make_run_parts",
     "make_schedule",
-    "make_setup",
     "make_train_step",
     "read_events",
     "read_scalars",

@@ -1,8 +1,10 @@
-"""Train a model: ``python -m jaxgen.train --config configs/NAME.py --workdir DIR``.
+"""Train a model: ``python -m jaxgen.train --config jaxgen/configs/NAME.py --workdir DIR``.
 
-Override any config field with ``--config.key=value`` (e.g.
-``--config.train.minutes=10``); ``--dry-run`` prints what would run and
-exits. A run in an existing workdir resumes from its latest checkpoint.
+The recipes are ``jaxgen/configs/*.py`` (installed with the package, importable
+as ``jaxgen.configs.NAME``); any file with ``get_config()`` works. Override any
+config field with ``--config.key=value`` (e.g. ``--config.train.minutes=10``);
+``--dry-run`` prints what would run and exits. A run in an existing workdir
+resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from jaxgen import cli
 from jaxgen.errors import InputError
 from jaxgen.files import check_writable
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Python file with get_config(), e.g. a recipe jaxgen/configs/NAME.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.")
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "Print what would run, then exit.")
 _ALLOW_CHANGE = flags.DEFINE_bool(
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     parse_flags(sys.argv if argv is None else ["jaxgen.train", *argv])
     if _CONFIG.value is None or _WORKDIR.value is None:
-        raise InputError("give --config configs/NAME.py and --workdir DIR.")
+        raise InputError("give --config jaxgen/configs/NAME.py and --workdir DIR.")
     if not _DRY_RUN.value:  # a folder that cannot hold the run: one line, nothing created
         check_writable(_WORKDIR.value, "--workdir", folder=True)
     from jaxgen.train import TrainingDiverged, TrainingInterrupted, describe, train_and_evaluate

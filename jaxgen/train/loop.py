@@ -20,7 +20,7 @@ from jaxgen.files import open_atomic
 from jaxgen.models import count_params
 from jaxgen.parallel import initialize_distributed, make_mesh
 from jaxgen.train.checkpoint import Checkpointer
-from jaxgen.train.evaluation import (
+from jaxgen.train.monitoring import (
     fid_of_samples,
     image_grid,
     reference_stats,
@@ -29,12 +29,12 @@ from jaxgen.train.evaluation import (
 )
 from jaxgen.train.state import (
     LossFn,
-    Setup,
+    RunParts,
     TrainState,
     abstract_state,
     ema_name,
     init_state,
-    make_setup,
+    make_run_parts,
     make_train_step,
 )
 from jaxgen.train.workdir import WorkdirLock, check_config
@@ -82,21 +82,21 @@ def model_shape(config: ml_collections.ConfigDict, stored: tuple | None) -> tupl
     return (side or stored[0], side or stored[1], stored[2])
 
 
-def _check_labels(setup: Setup, source) -> None:
+def _check_labels(parts: RunParts, source) -> None:
     """A class-conditional model needs labels in ``[0, num_classes)``."""
-    if not setup.num_classes:
+    if not parts.num_classes:
         return
     if not source.has_labels:
         raise InputError(
             f"{source.name} has no labels but the model is conditioned on "
-            f"{setup.num_classes} classes; set model.kwargs.num_classes=0 for an unconditional "
+            f"{parts.num_classes} classes; set model.kwargs.num_classes=0 for an unconditional "
             "model, or give a labelled source."
         )
     labels = source.labels
-    if labels is not None and len(labels) and int(np.max(labels)) >= setup.num_classes:
+    if labels is not None and len(labels) and int(np.max(labels)) >= parts.num_classes:
         raise InputError(
             f"{source.name} has labels up to {int(np.max(labels))} but the model has "
-            f"num_classes={setup.num_classes}; set model.kwargs.num_classes="
+            f"num_classes={parts.num_classes}; set model.kwargs.num_classes="
             f"{int(np.max(labels)) + 1} or more."
         )
 
@@ -122,13 +122,13 @@ def build(
     *,
     module: nn.Module | None = None,
     loss_fn: LossFn | None = None,
-) -> tuple[Setup, object]:
-    """The run's :class:`Setup` and training source (no parameters allocated).
+) -> tuple[RunParts, object]:
+    """The run's :class:`RunParts` and training source (no parameters allocated).
 
     Args:
       config: the run's configuration.
       source: the training images; default :func:`open_data`.
-      module, loss_fn: a user's model and loss (see :func:`make_setup`).
+      module, loss_fn: a user's model and loss (see :func:`make_run_parts`).
     """
     _check_cadence(config)
     if source is None:
@@ -137,9 +137,9 @@ def build(
         image_shape = model_shape(config, source.image_shape)
     mesh = make_mesh(fsdp=config.train.fsdp)
     total_updates = max(config.train.num_steps // config.optim.grad_accum, 1)
-    setup = make_setup(config, mesh, image_shape, total_updates, module=module, loss_fn=loss_fn)
-    _check_labels(setup, source)
-    return setup, source
+    parts = make_run_parts(config, mesh, image_shape, total_updates, module=module, loss_fn=loss_fn)
+    _check_labels(parts, source)
+    return parts, source
 
 
 def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -162,17 +162,17 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
         mesh = make_mesh()
         mesh_line = f"mesh: not here ({e})"
     total_updates = max(config.train.num_steps // config.optim.grad_accum, 1)
-    setup = make_setup(config, mesh, image_shape, total_updates)
+    parts = make_run_parts(config, mesh, image_shape, total_updates)
     from jaxgen.models import abstract_init
 
-    params = abstract_init(setup.module, *setup.example_inputs())["params"]
+    params = abstract_init(parts.module, *parts.example_inputs())["params"]
     stop = f"{config.train.num_steps} steps"
     if config.train.minutes:
         stop += f" or {config.train.minutes} minutes of training, whichever comes first"
     lines = [
-        f"model: {config.model.name} {dict(config.model.kwargs)}, {setup.num_classes} classes, "
+        f"model: {config.model.name} {dict(config.model.kwargs)}, {parts.num_classes} classes, "
         f"{count_params(params):,} parameters, compute {config.train.compute_dtype}",
-        f"process: {setup.process!r}, prediction {setup.prediction}, "
+        f"process: {parts.process!r}, prediction {parts.prediction}, "
         f"precond {config.diffusion.precond}",
         data_line,
         f"{mesh_line} over {jax.device_count()} device(s), "
@@ -220,7 +220,7 @@ class _Signals:
             signal.signal(sig, previous)
 
 
-def _agree(flags: list[bool]) -> list[bool]:
+def _any_process(flags: list[bool]) -> list[bool]:
     """Each flag OR-ed over all processes (so every process takes the same branch)."""
     if jax.process_count() == 1:
         return flags
@@ -232,8 +232,8 @@ def _agree(flags: list[bool]) -> list[bool]:
 class _Evaluator:
     """Sample grid + FID of EMA samples; the reference statistics are computed on first use."""
 
-    def __init__(self, setup: Setup, workdir: epath.Path) -> None:
-        self.setup, self.workdir, self.cfg = setup, workdir, setup.config.eval
+    def __init__(self, parts: RunParts, workdir: epath.Path) -> None:
+        self.parts, self.workdir, self.cfg = parts, workdir, parts.config.eval
         self.key = jax.random.key_data(jax.random.key(self.cfg.seed))
         self._extractor = None
         self._reference = None
@@ -245,7 +245,7 @@ class _Evaluator:
 
             self._extractor = FeatureExtractor(*load_inception(),
                                                batch_size=self.cfg.fid_batch_size)
-            data = self.setup.config.data
+            data = self.parts.config.data
             self._reference = reference_stats(
                 self.cfg.fid_reference, self.workdir, self._extractor,
                 num=self.cfg.fid_reference_num, resolution=data.resolution, pad_to=data.pad_to,
@@ -258,11 +258,11 @@ class _Evaluator:
             self._fid_parts()
 
     def __call__(self, state: TrainState, step: int) -> dict[str, float]:
-        params = state.ema[ema_name(self.setup.config.train.ema_decays[0])]
+        params = state.ema[ema_name(self.parts.config.train.ema_decays[0])]
         n_grid = 64
         start = time.perf_counter()
         images = np.concatenate(list(sample_images(
-            self.setup, params, self.key, num=max(n_grid, self.cfg.fid_samples),
+            self.parts, params, self.key, num=max(n_grid, self.cfg.fid_samples),
             batch_size=self.cfg.batch_size, solver=self.cfg.solver, steps=self.cfg.steps,
             cfg_scale=self.cfg.cfg_scale,
         )))
@@ -348,7 +348,7 @@ def train_and_evaluate(
     read only every ``train.log_every`` steps and at checkpoints.
 
     Args:
-      config: the run's configuration (``configs/*.py``).
+      config: the run's configuration (``jaxgen/configs/*.py``).
       workdir: the run's folder.
       module: train this Flax module instead of ``config.model`` (called as
         ``module.apply(variables, x_t, t, cond, train=..., rngs=...)``; give the
@@ -372,7 +372,7 @@ def train_and_evaluate(
     config_json = config.to_json_best_effort(indent=2) + "\n"
     # Everything is checked before anything is written: a refused start leaves no trace.
     rewrite_config = check_config(workdir_path, config_json, allow_config_change)
-    setup, source = build(config, module=module, loss_fn=loss_fn)
+    parts, source = build(config, module=module, loss_fn=loss_fn)
     lock = WorkdirLock(workdir_path)
     created = main and not workdir_path.exists()
     if main:
@@ -380,7 +380,7 @@ def train_and_evaluate(
     lock.acquire()
     started = []  # set once the start-up has succeeded and the run begins to write
     try:
-        return _train(config, workdir_path, setup, source, lock, rewrite_config and main,
+        return _train(config, workdir_path, parts, source, lock, rewrite_config and main,
                       config_json, started)
     except BaseException:
         if created and not started:  # a failed start leaves no trace of the folder it made
@@ -391,23 +391,23 @@ def train_and_evaluate(
         lock.release()
 
 
-def _train(config, workdir_path, setup, source, lock, write_config: bool, config_json: str,
+def _train(config, workdir_path, parts, source, lock, write_config: bool, config_json: str,
            started: list):
     main = jax.process_index() == 0
     ckpt = Checkpointer(workdir_path / "checkpoints", keep=config.checkpoint.keep)
-    restored = ckpt.restore_latest(abstract_state(setup))
+    restored = ckpt.restore_latest(abstract_state(parts))
     if restored is None:
-        state, extra = init_state(setup, config.seed), {"data": None, "train_seconds": 0.0}
+        state, extra = init_state(parts, config.seed), {"data": None, "train_seconds": 0.0}
     else:
         state, extra, step = restored
         print(f"resuming from {ckpt.directory / str(step)}", file=sys.stderr)
     data = TrainIterator(
         source, config.data.batch_size, seed=config.seed, flip=config.data.flip,
-        pad_to=config.data.pad_to, with_labels=bool(setup.num_classes), mesh=setup.mesh,
+        pad_to=config.data.pad_to, with_labels=bool(parts.num_classes), mesh=parts.mesh,
         state=extra["data"],
     )
-    train_step = make_train_step(setup)
-    evaluator = _Evaluator(setup, workdir_path)
+    train_step = make_train_step(parts)
+    evaluator = _Evaluator(parts, workdir_path)
     evaluator.prepare()
     # The start-up can no longer fail: from here on the run writes (config first).
     if write_config:
@@ -477,7 +477,7 @@ def _train(config, workdir_path, setup, source, lock, write_config: bool, config
                 due_minutes = bool(pending_minutes) and train_seconds >= pending_minutes[0] * 60
                 out_of_time = bool(config.train.minutes) and (
                     train_seconds >= config.train.minutes * 60)
-                preempted, due_minutes, out_of_time = _agree(
+                preempted, due_minutes, out_of_time = _any_process(
                     [signals.stop, due_minutes, out_of_time])
             checkpoint_now = step % config.checkpoint.every_steps == 0
             evaluate_now = (config.eval.every_steps and step % config.eval.every_steps == 0)

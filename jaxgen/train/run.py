@@ -13,20 +13,20 @@ from etils import epath
 from jaxgen.errors import InputError
 from jaxgen.train.checkpoint import Checkpointer
 from jaxgen.train.loop import build
-from jaxgen.train.state import Setup, abstract_state, ema_name
+from jaxgen.train.state import RunParts, abstract_state, ema_name
 
 
 class Run(NamedTuple):
     """A run restored from its workdir.
 
     Attributes:
-      setup: model, process, mesh and config (:class:`Setup`).
+      parts: model, process, mesh and config (:class:`RunParts`).
       params: the chosen weights, sharded as training left them.
       step: the checkpoint's step.
       weights: which weights ``params`` are: an EMA key (``repr`` of its decay) or ``params``.
     """
 
-    setup: Setup
+    parts: RunParts
     params: Any
     step: int
     weights: str
@@ -40,7 +40,7 @@ def load_run(
 ) -> Run:
     """The latest checkpoint of a ``python -m jaxgen.train`` workdir (local or ``gs://``).
 
-    Sample from it with ``run.setup.model_fn(run.params, x_t, t, cond)`` or
+    Sample from it with ``run.parts.model_fn(run.params, x_t, t, cond)`` or
     :func:`jaxgen.train.sample_images`.
 
     Args:
@@ -58,10 +58,10 @@ def load_run(
     if not config_path.is_file():
         raise InputError(f"{config_path}: not found; give a jaxgen.train run folder.")
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    setup, _ = build(config, module=module)
+    parts, _ = build(config, module=module)
     checkpoints = Checkpointer(workdir / "checkpoints", writable=False)  # a reader writes nothing
     try:
-        restored = checkpoints.restore_latest(abstract_state(setup))
+        restored = checkpoints.restore_latest(abstract_state(parts))
     finally:
         checkpoints.close()
     if restored is None:
@@ -70,7 +70,7 @@ def load_run(
     if ema is None:
         ema = config.train.ema_decays[0]
     if ema == "params":
-        return Run(setup, state.params, int(step), "params")
+        return Run(parts, state.params, int(step), "params")
     try:
         key = ema_name(float(ema))
     except ValueError:
@@ -79,4 +79,4 @@ def load_run(
         raise InputError(
             f"ema={ema!r}: the run keeps EMAs with decays {sorted(state.ema)}, or use 'params'."
         )
-    return Run(setup, state.ema[key], int(step), key)
+    return Run(parts, state.ema[key], int(step), key)

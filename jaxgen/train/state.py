@@ -150,7 +150,7 @@ training mode (dropout on)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
+class RunParts:
     """The pieces of a run that do not change as it trains.
 
     Facts about the model (its classes) come from the built ``module``, never
@@ -210,7 +210,7 @@ class Setup:
         return x, t, cond
 
 
-def make_setup(
+def make_run_parts(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     image_shape: tuple[int, int, int],
@@ -218,7 +218,7 @@ def make_setup(
     *,
     module: nn.Module | None = None,
     loss_fn: LossFn | None = None,
-) -> Setup:
+) -> RunParts:
     """Model, process, optimizer and mesh of ``config`` for images of ``image_shape``.
 
     Args:
@@ -244,7 +244,7 @@ def make_setup(
             diffusion.loss, process=process, prediction=prediction,
             time_sampler=_time_sampler(config.diffusion), weighting=_weighting(config.diffusion),
         )
-    return Setup(
+    return RunParts(
         module=module,
         process=process,
         prediction=prediction,
@@ -257,47 +257,47 @@ def make_setup(
     )
 
 
-def _init_boxed(setup: Setup, key: jax.Array) -> TrainState:
-    x, t, cond = setup.example_inputs()
+def _init_boxed(parts: RunParts, key: jax.Array) -> TrainState:
+    x, t, cond = parts.example_inputs()
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)
-    variables = setup.module.init(key, zeros(x), zeros(t), jax.tree.map(zeros, cond))
+    variables = parts.module.init(key, zeros(x), zeros(t), jax.tree.map(zeros, cond))
     params = variables["params"]
-    decays = setup.config.train.ema_decays
+    decays = parts.config.train.ema_decays
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema={ema_name(d): params for d in decays},
-        opt_state=setup.optimizer.init(params),
+        opt_state=parts.optimizer.init(params),
         rng=jax.random.fold_in(key, 1),
     )
 
 
-def state_shardings(setup: Setup) -> TrainState:
+def state_shardings(parts: RunParts) -> TrainState:
     """``NamedSharding`` of every leaf of the train state (params by logical axis names)."""
-    abstract = jax.eval_shape(lambda: _init_boxed(setup, jax.random.key_data(jax.random.key(0))))
+    abstract = jax.eval_shape(lambda: _init_boxed(parts, jax.random.key_data(jax.random.key(0))))
     specs = nn.get_partition_spec(abstract)
-    return nn.logical_to_mesh_sharding(specs, setup.mesh, LOGICAL_AXIS_RULES)
+    return nn.logical_to_mesh_sharding(specs, parts.mesh, LOGICAL_AXIS_RULES)
 
 
-def abstract_state(setup: Setup) -> TrainState:
+def abstract_state(parts: RunParts) -> TrainState:
     """Shapes, dtypes and shardings of the train state, no memory used (for restoring)."""
     shapes = jax.eval_shape(
-        lambda: nn.unbox(_init_boxed(setup, jax.random.key_data(jax.random.key(0))))
+        lambda: nn.unbox(_init_boxed(parts, jax.random.key_data(jax.random.key(0))))
     )
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes, state_shardings(setup),
+        shapes, state_shardings(parts),
     )
 
 
-def init_state(setup: Setup, seed: int) -> TrainState:
+def init_state(parts: RunParts, seed: int) -> TrainState:
     """A fresh train state, created directly in its shardings."""
     key = jax.random.key_data(jax.random.key(seed))
-    init = jax.jit(lambda k: nn.unbox(_init_boxed(setup, k)), out_shardings=state_shardings(setup))
+    init = jax.jit(lambda k: nn.unbox(_init_boxed(parts, k)), out_shardings=state_shardings(parts))
     return init(key)
 
 
-def make_train_step(setup: Setup) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted ``train_step(state, batch) -> (state, metrics)``.
 
     ``batch`` holds ``image`` (uint8 NHWC, global, batch-sharded) and, for a
@@ -308,19 +308,19 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, dict], tuple[TrainSta
     whose loss, gradient or update is not finite changes nothing in the state
     but its step count (``finite`` is 0), so the state never holds a NaN.
     """
-    cfg = setup.config
-    tx = setup.optimizer
+    cfg = parts.config
+    tx = parts.optimizer
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.rng, state.step)
         k_loss, k_model = jax.random.split(key)
         x0 = to_model_space(batch["image"])
-        cond = {"label": batch["label"]} if setup.num_classes else None
-        model_fn = lambda p, x, t, c: setup.apply(p, x, t, c, train=True,
+        cond = {"label": batch["label"]} if parts.num_classes else None
+        model_fn = lambda p, x, t, c: parts.apply(p, x, t, c, train=True,
                                                   rngs={"dropout": k_model})
 
         def objective(params):
-            value, metrics = setup.loss_fn(model_fn, params, x0, cond, k_loss)
+            value, metrics = parts.loss_fn(model_fn, params, x0, cond, k_loss)
             value = jnp.mean(value)  # per-example [B] or already a scalar
             return value, dict(metrics, loss=value)
 
@@ -339,18 +339,18 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, dict], tuple[TrainSta
         grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         metrics = dict(metrics, grad_norm=grad_norm, update_norm=update_norm,
-                       lr=setup.schedule(n_updates), finite=finite.astype(jnp.float32))
+                       lr=parts.schedule(n_updates), finite=finite.astype(jnp.float32))
         new_state = state.replace(params=params, ema=ema, opt_state=opt_state)
         # Checked on the device: a non-finite step is dropped without a host round trip.
         kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
         return kept.replace(step=state.step + 1), metrics
 
-    shardings = state_shardings(setup)
-    data = batch_sharding(setup.mesh)
+    shardings = state_shardings(parts)
+    data = batch_sharding(parts.mesh)
     return jax.jit(
         step_fn,
         in_shardings=(shardings, data),
-        out_shardings=(shardings, replicated(setup.mesh)),
+        out_shardings=(shardings, replicated(parts.mesh)),
         donate_argnums=0,
     )
 

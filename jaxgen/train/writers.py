@@ -7,6 +7,21 @@ with TFRecord's masked CRC-32C checksums.
 
 Both writers work on a local folder or a bucket (``gs://...``): see
 :class:`jaxgen.files.GrowingFile` for how a file grows where nothing can be appended.
+
+Why not a library's writer (checked with tensorboardX 2.6.5, tensorboard 2.21):
+``tf.summary`` and ``clu.metric_writers`` need TensorFlow. tensorboard's
+writer without TensorFlow is an internal module (``tensorboard.summary.writer``),
+public only as PyTorch's ``torch.utils.tensorboard.SummaryWriter``, and the
+``tensorboard`` package is the server (grpcio, werkzeug, markdown,
+tensorboard-data-server, protobuf). tensorboardX (numpy, packaging,
+protobuf) writes the same scalar events, and with ``purge_step`` the
+session-start event; but its ``gs://`` backend needs ``google-cloud-storage``,
+writing through :class:`~jaxgen.files.GrowingFile` means replacing the
+process-wide ``gs`` entry of its ``record_writer`` registry, and its events
+reach the file from a queue thread every ``flush_secs`` unless each call
+flushes. It has no public reader, so the checksum and parsing code below,
+which :func:`read_events` and :func:`read_scalars` need, would stay. The
+hand-written encoding and framing is about 60 lines and no dependency.
 """
 
 from __future__ import annotations

@@ -25,11 +25,11 @@ import numpy as np
 
 from jaxgen.errors import InputError
 from jaxgen.weights.torch_pickle import (
-    _read_legacy,
-    _read_zip,
-    _RestrictedUnpickler,
-    _Storage,
-    _Tensor,
+    RestrictedUnpickler,
+    Storage,
+    Tensor,
+    read_legacy,
+    read_zip,
 )
 
 
@@ -66,14 +66,14 @@ def _reconstruct_persistent_obj(meta) -> _Module:
     return _Module(meta.get("state"), str(meta.get("class_name", "")))
 
 
-def _storage_from_bytes(raw, where: str) -> _Storage:
+def _storage_from_bytes(raw, where: str) -> Storage:
     if not isinstance(raw, bytes):
         raise pickle.UnpicklingError("storage record is not bytes")
     if raw[:4] == b"PK\x03\x04":
-        storage = _read_zip(zipfile.ZipFile(io.BytesIO(raw)), where)
+        storage = read_zip(zipfile.ZipFile(io.BytesIO(raw)), where)
     else:
-        storage = _read_legacy(raw, where)
-    if not isinstance(storage, _Storage):
+        storage = read_legacy(raw, where)
+    if not isinstance(storage, Storage):
         raise pickle.UnpicklingError("storage record holds something other than a storage")
     return storage
 
@@ -85,7 +85,7 @@ _INERT = {
 }
 
 
-class _PersistenceUnpickler(_RestrictedUnpickler):
+class _PersistenceUnpickler(RestrictedUnpickler):
     def __init__(self, file: io.BytesIO, where: str) -> None:
         super().__init__(file, self._no_storage)
         self._where = where
@@ -113,7 +113,7 @@ def _module_tensors(module: _Module, prefix: str, out: dict[str, np.ndarray]) ->
     skip = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
         for name, value in (state.get(group) or {}).items():
-            if isinstance(value, _Tensor) and name not in skip:
+            if isinstance(value, Tensor) and name not in skip:
                 out[prefix + name] = value.numpy()
     for name, child in (state.get("_modules") or {}).items():
         if isinstance(child, _Module):

@@ -45,7 +45,9 @@ class _StorageType:
         self.dtype = np.dtype(dtype)
 
 
-class _Storage:
+class Storage:
+    """One storage: its dtype and element count, and its data once :meth:`fill` read it."""
+
     def __init__(self, dtype: np.dtype, numel: int) -> None:
         self.dtype, self.numel = dtype, numel
         self.data: np.ndarray | None = None  # filled when the raw bytes are read
@@ -59,10 +61,10 @@ class _Storage:
         self.data = np.frombuffer(raw, self.dtype.newbyteorder("<"))
 
 
-class _Tensor:
+class Tensor:
     """A tensor whose storage may not be read yet (legacy files store data last)."""
 
-    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple) -> None:
+    def __init__(self, storage: Storage, offset: int, size: tuple, stride: tuple) -> None:
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
     def numpy(self) -> np.ndarray:
@@ -90,17 +92,19 @@ class ScriptObject:
         self.__dict__["state"] = state
 
 
-def _rebuild_tensor(storage, offset, size, stride, *unused) -> _Tensor:
-    if not isinstance(storage, _Storage):
+def _rebuild_tensor(storage, offset, size, stride, *unused) -> Tensor:
+    if not isinstance(storage, Storage):
         raise pickle.UnpicklingError("tensor built from something other than a storage")
-    return _Tensor(storage, int(offset), tuple(size), tuple(stride))
+    return Tensor(storage, int(offset), tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, *unused):
     return data
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle.Unpickler):
+    """Builds tensors (storages from ``storage_loader``) and containers; refuses other globals."""
+
     def __init__(self, file: io.BytesIO, storage_loader) -> None:
         super().__init__(file)
         self._storage_loader = storage_loader
@@ -134,7 +138,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _unpickle(data: bytes | io.BytesIO, storage_loader, where: str):
     f = data if isinstance(data, io.BytesIO) else io.BytesIO(data)
     try:
-        return _RestrictedUnpickler(f, storage_loader).load()
+        return RestrictedUnpickler(f, storage_loader).load()
     except pickle.UnpicklingError as e:
         raise InputError(f"{where}: {e}.") from None
     except (EOFError, ValueError, TypeError, IndexError, KeyError, struct.error) as e:
@@ -143,18 +147,19 @@ def _unpickle(data: bytes | io.BytesIO, storage_loader, where: str):
         ) from None
 
 
-def _read_zip(zf: zipfile.ZipFile, where: str):
+def read_zip(zf: zipfile.ZipFile, where: str):
+    """The object pickled in a torch zip archive, its storages read from ``<name>/data/``."""
     pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
         raise InputError(
             f"{where}: zip archive without a single '<name>/data.pkl'; not a torch file."
         )
     prefix = pkls[0][: -len("data.pkl")]
-    storages: dict[str, _Storage] = {}
+    storages: dict[str, Storage] = {}
 
-    def load(key: str, dtype: np.dtype, numel: int, view) -> _Storage:
+    def load(key: str, dtype: np.dtype, numel: int, view) -> Storage:
         if key not in storages:
-            st = _Storage(dtype, numel)
+            st = Storage(dtype, numel)
             try:
                 raw = zf.read(f"{prefix}data/{key}")
             except KeyError:
@@ -166,7 +171,8 @@ def _read_zip(zf: zipfile.ZipFile, where: str):
     return _unpickle(zf.read(pkls[0]), load, where)
 
 
-def _read_legacy(raw: bytes, where: str):
+def read_legacy(raw: bytes, where: str):
+    """The object of a legacy (pre-1.6) torch file, its storages filled from the bytes after it."""
     f = io.BytesIO(raw)
     no_storage = lambda *a: (_ for _ in ()).throw(pickle.UnpicklingError("unexpected storage"))
     magic = _unpickle(f, no_storage, where)
@@ -176,12 +182,12 @@ def _read_legacy(raw: bytes, where: str):
     sys_info = _unpickle(f, no_storage, where)
     if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
         raise InputError(f"{where}: big-endian PyTorch files are not supported.")
-    storages: dict[str, _Storage] = {}
+    storages: dict[str, Storage] = {}
 
-    def load(key: str, dtype: np.dtype, numel: int, view) -> _Storage:
+    def load(key: str, dtype: np.dtype, numel: int, view) -> Storage:
         if view and view[0] is not None:
             raise pickle.UnpicklingError("storage views are not supported")
-        return storages.setdefault(key, _Storage(dtype, numel))
+        return storages.setdefault(key, Storage(dtype, numel))
 
     obj = _unpickle(f, load, where)
     keys = _unpickle(f, no_storage, where)
@@ -198,7 +204,7 @@ def _read_legacy(raw: bytes, where: str):
 
 
 def _flatten(obj, prefix: str, out: dict[str, np.ndarray]) -> None:
-    if isinstance(obj, _Tensor):
+    if isinstance(obj, Tensor):
         out[prefix] = obj.numpy()
     elif isinstance(obj, ScriptObject):
         _flatten(obj.__dict__.get("state", {}), prefix, out)
@@ -223,11 +229,11 @@ def read_torch_file(raw: bytes, where: str) -> dict[str, np.ndarray]:
         except zipfile.BadZipFile as e:
             raise InputError(f"{where}: corrupt zip archive ({e}).") from None
         try:
-            obj = _read_zip(zf, where)
+            obj = read_zip(zf, where)
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise InputError(f"{where}: corrupt zip archive ({e}).") from None
     else:
-        obj = _read_legacy(raw, where)
+        obj = read_legacy(raw, where)
     out: dict[str, np.ndarray] = {}
     _flatten(obj, "", out)
     if not out:

@@ -15,13 +15,14 @@ from etils import epath
 from PIL import Image
 
 from jaxgen import sampling
-from jaxgen.data import ArraySource, FirstN, iterate_eval, open_source, pad_images
+from jaxgen.data import ArraySource, FirstN, open_source, pad_images
 from jaxgen.errors import InputError
 from jaxgen.files import open_atomic
 from jaxgen.metrics import GaussianStats, frechet_distance, save_stats
-from jaxgen.metrics.evaluate import FeatureNeeds, Side, featurize
+from jaxgen.metrics.eval_parts import iterate_eval
+from jaxgen.metrics.evaluate import EvalInput, FeatureRequest, featurize
 from jaxgen.metrics.features import FeatureExtractor
-from jaxgen.train.state import Setup
+from jaxgen.train.state import RunParts
 
 
 def class_labels(indices: np.ndarray, num_classes: int) -> np.ndarray:
@@ -30,7 +31,7 @@ def class_labels(indices: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def sample_images(
-    setup: Setup,
+    parts: RunParts,
     params,
     key: jax.Array,
     *,
@@ -45,12 +46,12 @@ def sample_images(
     :func:`jaxgen.sampling.generate` (the one generation loop).
 
     ``params`` stay an argument of the compiled program (the run's one
-    ``setup.model_fn``), so every evaluation and every EMA reuses one
+    ``parts.model_fn``), so every evaluation and every EMA reuses one
     compilation. Sample ``i`` depends only on ``(key, i)``; a class-conditional
     model draws it with label :func:`class_labels` ``(i)``.
 
     Args:
-      setup: the run's model and process.
+      parts: the run's model and process.
       params: the weights to sample with (an EMA or the raw parameters).
       key: the run's sampling key.
       num: number of samples.
@@ -62,18 +63,18 @@ def sample_images(
     """
     if not np.isfinite(cfg_scale):
         raise InputError(f"cfg_scale={cfg_scale} must be a finite number (1: no guidance).")
-    if cfg_scale != 1.0 and not setup.num_classes:
+    if cfg_scale != 1.0 and not parts.num_classes:
         raise InputError(
             f"cfg_scale={cfg_scale} needs a class-conditional model; this one has no classes."
         )
-    guidance = sampling.Guidance(cfg_scale, uncond=setup.null_cond) if cfg_scale != 1.0 else None
+    guidance = sampling.Guidance(cfg_scale, uncond=parts.null_cond) if cfg_scale != 1.0 else None
     labels = None
-    if setup.num_classes:
-        labels = lambda idx: {"label": jnp.asarray(class_labels(idx, setup.num_classes))}
+    if parts.num_classes:
+        labels = lambda idx: {"label": jnp.asarray(class_labels(idx, parts.num_classes))}
     return sampling.generate(
-        setup.model_fn, params, setup.process, key, setup.image_shape,
-        num=num, batch_size=batch_size, cond=labels, prediction=setup.prediction,
-        solver=solver, steps=steps, guidance=guidance, mesh=setup.mesh,
+        parts.model_fn, params, parts.process, key, parts.image_shape,
+        num=num, batch_size=batch_size, cond=labels, prediction=parts.prediction,
+        solver=solver, steps=steps, guidance=guidance, mesh=parts.mesh,
         solver_options=solver_options,
     )
 
@@ -124,8 +125,8 @@ def reference_stats(
           file=sys.stderr)
     images = np.concatenate(list(iterate_eval(_first(source, n), 1000)))
     images = pad_images(images, pad_to)
-    stats = featurize(Side(spec, source=ArraySource(images, spec)), FeatureNeeds(), extractor,
-                      progress=jax.process_index() == 0)["pool3_stats"]
+    stats = featurize(EvalInput(spec, source=ArraySource(images, spec)), FeatureRequest(),
+                      extractor, progress=jax.process_index() == 0)["pool3_stats"]
     if jax.process_index() == 0:
         save_stats(path, stats)
     return stats
@@ -139,6 +140,6 @@ def fid_of_samples(
     images: np.ndarray, reference: GaussianStats, extractor: FeatureExtractor
 ) -> float:
     """FID of uint8 ``images`` (the same on every process) against ``reference``."""
-    stats = featurize(Side("samples", source=ArraySource(images, "samples")), FeatureNeeds(),
+    stats = featurize(EvalInput("samples", source=ArraySource(images, "samples")), FeatureRequest(),
                       extractor, progress=False)["pool3_stats"]
     return frechet_distance(reference, stats)

@@ -1,0 +1,21 @@
+"""Training recipes: ``python -m jaxgen.train --config jaxgen/configs/NAME.py --workdir DIR``.
+
+Each recipe module has ``get_config() -> ml_collections.ConfigDict`` and
+builds on :mod:`jaxgen.configs.base`, which documents every field; the
+module docstring gives the command and the paper's settings. From Python,
+``from jaxgen.configs import fashion_mnist; config = fashion_mnist.get_config()``.
+
+- ``fashion_mnist``: the offline default, a small flow-matching U-Net (CPU).
+- ``cifar10_ddpm``, ``cifar10_edm``, ``cifar10_flow``: DDPM, EDM and flow
+  matching on CIFAR-10 with the 35.7M DDPM U-Net (CIFAR fields in ``_cifar10``).
+- ``imagenet_dit_b2``, ``imagenet_dit_xl2``: DiT on ImageNet 64x64 pixels.
+"""
+
+RECIPES = (
+    "fashion_mnist",
+    "cifar10_ddpm",
+    "cifar10_edm",
+    "cifar10_flow",
+    "imagenet_dit_b2",
+    "imagenet_dit_xl2",
+)

@@ -1,0 +1,94 @@
+"""The base every recipe builds on: each configuration field, documented once.
+
+Not a recipe itself. A field holds the value every recipe shares, or a
+default that a recipe overrides once where it differs: a neutral one (no
+resizing, flips, preconditioning, clipping or warmup; Adam's betas; float32
+on one fsdp shard) or the paper recipes' cadence (a checkpoint every 10k
+steps, an FID of 10k samples every 50k). Fields a recipe must choose (data,
+model, process, learning rate, length, EMA, sampler, FID reference) are typed
+placeholders, ``None`` until the recipe sets them. A recipe is
+``c = base.get_config()`` followed by its own fields, each set once:
+
+    from jaxgen.configs import base
+
+    def get_config():
+        c = base.get_config()
+        c.data.source = ...
+        return c
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The shared defaults; every field is documented inline."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = placeholder(str)  # any jaxgen.data.open_source spec
+    c.data.batch_size = placeholder(int)  # global, over all devices and processes
+    c.data.resolution = placeholder(int)  # resize to (None: as stored)
+    c.data.pad_to = placeholder(int)  # zero-pad to (None: no padding)
+    c.data.flip = False  # random horizontal flips
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = placeholder(str)  # a jaxgen.models.MODEL_NAMES entry
+    c.model.kwargs = ml_collections.ConfigDict()  # the model's arguments (empty: its defaults)
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.process = placeholder(str)  # vp | edm | flow
+    c.diffusion.process_kwargs = ml_collections.ConfigDict()  # the process's arguments
+    c.diffusion.prediction = placeholder(str)  # eps | x0 | v | velocity | score
+    c.diffusion.precond = "none"  # none | edm (Karras et al. 2022 preconditioning; predicts x0)
+    c.diffusion.sigma_data = 0.5  # data scale: the EDM process, precond="edm" and weighting="edm"
+    c.diffusion.time_scale = 1.0  # the network sees time_scale * t (precond="none")
+    c.diffusion.time_sampler = placeholder(str)  # uniform | lognormal | logit_normal | discrete
+    c.diffusion.time_sampler_kwargs = ml_collections.ConfigDict()
+    c.diffusion.weighting = "uniform"  # uniform | min_snr | edm | p2
+    c.diffusion.weighting_kwargs = ml_collections.ConfigDict()
+
+    c.optim = ml_collections.ConfigDict()  # Adam(W)
+    c.optim.lr = placeholder(float)  # peak learning rate
+    c.optim.warmup_steps = 0  # linear ramp from 0 to lr
+    c.optim.schedule = "constant"  # constant | cosine
+    c.optim.final_lr_fraction = 0.0  # cosine: lr at the end / lr
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 0.0  # global-norm clipping; 0 disables
+    c.optim.grad_accum = 1  # micro-batches per optimizer update
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = placeholder(int)
+    c.train.minutes = 0.0  # stop after this many minutes of training (0: no limit)
+    c.train.ema_decays = placeholder(tuple)  # the first one is sampled from
+    c.train.ema_warmup = False  # decay min(d, (1+n)/(10+n)): fast start in short runs
+    c.train.compute_dtype = "float32"  # float32 | bfloat16
+    c.train.fsdp = 1  # size of the mesh's fsdp axis (parameter sharding)
+    c.train.log_every = 50
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 10_000
+    c.checkpoint.keep = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 50_000  # 0: only at eval.at_minutes
+    c.eval.at_minutes = ()  # minutes of training
+    c.eval.solver = placeholder(str)  # a jaxgen.sampling.SOLVERS entry
+    c.eval.steps = placeholder(int)
+    c.eval.cfg_scale = 1.0
+    c.eval.batch_size = 128
+    c.eval.seed = 0
+    c.eval.fid_samples = 10_000  # 0 disables FID
+    c.eval.fid_reference = placeholder(str)  # a jaxgen.data.open_source spec
+    c.eval.fid_reference_num = placeholder(int)  # None: all
+    c.eval.fid_batch_size = 100
+
+    c.parallel = ml_collections.ConfigDict()  # multi-host; None: from JAXGEN_* env or cluster
+    c.parallel.coordinator = placeholder(str)
+    c.parallel.num_processes = placeholder(int)
+    c.parallel.process_id = placeholder(int)
+    return c

@@ -1,0 +1,103 @@
+"""The model contract: ``model_fn(params, x_t, t, cond) -> prediction``.
+
+Every jaxgen model is called as ``module.apply(variables, x_t, t, cond,
+train=False)`` with ``x_t`` NHWC float, ``t`` a float ``[B]`` array and
+``cond`` ``None`` or ``{"label": [B] int}``: :func:`check_inputs` and
+:func:`split_cond` check those inputs the same way in every model, and
+:func:`as_model_fn` binds a module into the function losses and samplers take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgen.errors import InputError
+
+Array = jax.Array
+Cond = Mapping[str, Array] | None
+ModelFn = Callable[[Any, Array, Array, Cond], Array]  # model_fn(params, x_t, t, cond)
+
+
+def split_cond(cond: Cond, num_classes: int, batch: int) -> Array | None:
+    """The class labels of a ``cond`` dict, checked; the null class where none are given.
+
+    Args:
+      cond: ``None`` or a dict whose only key is ``"label"`` (``[B]`` ints in
+        ``[0, num_classes]``; ``num_classes`` is the null class).
+      num_classes: classes of the model; 0 for an unconditional model.
+      batch: batch size, to build the all-null labels.
+
+    Returns:
+      ``[B]`` int32 labels, or ``None`` for an unconditional model.
+    """
+    cond = dict(cond or {})
+    label = cond.pop("label", None)
+    if cond:
+        raise InputError(f"cond has unknown keys {sorted(cond)}; models accept only 'label'.")
+    if num_classes == 0:
+        if label is not None:
+            raise InputError(
+                "cond['label'] was given to a model built with num_classes=0; "
+                "build it with num_classes > 0 for class conditioning."
+            )
+        return None
+    if label is None:
+        return jnp.full((batch,), num_classes, jnp.int32)
+    label = jnp.asarray(label)
+    if label.shape != (batch,) or not jnp.issubdtype(label.dtype, jnp.integer):
+        raise InputError(
+            f"cond['label'] must be an int array of shape ({batch},), "
+            f"got {label.dtype}{label.shape}."
+        )
+    return label.astype(jnp.int32)
+
+
+def check_inputs(x: Array, t: Array) -> Array:
+    """Check ``x`` is NHWC float and return ``t`` as a float ``[B]`` array (scalars broadcast)."""
+    if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise InputError(f"x must be a float NHWC array [B, H, W, C], got {x.dtype}{x.shape}.")
+    t = jnp.asarray(t, jnp.float32)
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, x.shape[:1])
+    if t.shape != x.shape[:1]:
+        raise InputError(f"t must be a scalar or have shape ({x.shape[0]},), got {t.shape}.")
+    return t
+
+
+def as_model_fn(
+    module: nn.Module,
+    *,
+    train: bool = False,
+    rngs: Mapping[str, Array] | None = None,
+) -> ModelFn:
+    """A jaxgen model as ``model_fn(params, x_t, t, cond) -> prediction``.
+
+    ``module.apply({"params": params}, x_t, t, cond, train=train, rngs=rngs)``,
+    keeping, for a model with a learned variance (``learn_sigma=True``), only
+    the prediction channels (the first ``C`` of ``2C``), which is what losses
+    and samplers expect. The weights stay an argument: under ``jit`` they are
+    traced, never baked into the program, so one compilation serves every
+    checkpoint. Build the function once and reuse it (compiled samplers are
+    cached on its identity).
+
+    Args:
+      module: a :class:`~jaxgen.models.DiT`, :class:`~jaxgen.models.UNet`, or
+        any module with that call signature.
+      train: training mode (dropout, label dropout); needs ``rngs={"dropout": key}``.
+      rngs: RNG streams for training mode.
+
+    Returns:
+      ``model_fn(params, x_t [B,H,W,C] float, t [B] float, cond dict or None)``.
+    """
+    learn_sigma = getattr(module, "learn_sigma", False)
+
+    def model_fn(params: Any, x_t: Array, t: Array, cond: Cond = None) -> Array:
+        out = module.apply({"params": params}, x_t, t, cond, train=train, rngs=rngs)
+        return out[..., : x_t.shape[-1]] if learn_sigma else out
+
+    return model_fn
