@@ -191,10 +191,25 @@ def test_a_full_disk_while_training_is_one_error_naming_the_checkpoint(data_file
     with pytest.raises(OSError) as e:
         train_and_evaluate(tiny_config(data_file), str(workdir))
     line = describe_os_error(e.value)
-    assert line.startswith(f"{workdir / 'checkpoints' / '2'}: No space left on device (")
+    assert line.startswith(f"{workdir / 'checkpoints'}")  # the folder or checkpoint 2
+    assert "No space left on device (" in line
     assert "free on the disk of" in line
     assert "Traceback" not in capfd.readouterr().err  # orbax's logged copy is dropped
     assert not (workdir / ".lock").exists()
+
+
+def test_tensorstore_full_disk_errors_are_os_errors():
+    import errno
+
+    from jaxgen.train.checkpoint import _disk_error
+
+    # What orbax raises when TensorStore cannot write an array file (seen on a full tmpfs).
+    message = ('RESOURCE_EXHAUSTED: Error writing local file "/r/checkpoints/4.orbax-checkpoint'
+               '-tmp/state/_sharding": Failed to write 195201 bytes to file 6: No space left on '
+               "device [os_error_code='28']")
+    error = _disk_error(ValueError(message))
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC
+    assert _disk_error(ValueError("shapes (3,) and (4,) differ")) is None
 
 
 def test_a_failed_start_leaves_nothing_behind(data_file, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -72,30 +73,30 @@ def _quiet():
             lg.setLevel(level)
 
 
-class _DropPropagatedOSErrors(logging.Filter):
-    """Orbax's writer thread logs a failed write (a full disk) with its whole traceback,
+def _disk_error(error: BaseException | None) -> OSError | None:
+    """``error`` as an ``OSError`` when it is a failed write: an ``OSError`` itself, or
+    TensorStore's ``RESOURCE_EXHAUSTED ... [os_error_code='28']`` (a ``ValueError``), which
+    is how orbax reports a full disk while it writes arrays."""
+    if isinstance(error, OSError):
+        return error
+    code = re.search(r"os_error_code='(\d+)'", str(error)) if error is not None else None
+    if code:
+        n = int(code.group(1))
+        return OSError(n, os.strerror(n))
+    return None
+
+
+class _DropPropagatedWriteErrors(logging.Filter):
+    """Orbax's writer threads log a failed write (a full disk) with its whole traceback,
     then :meth:`Checkpointer.wait` raises the same error in the training thread, where it
-    becomes one line; the logged copy is dropped."""
+    becomes one line; the logged copies are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(error, OSError) and "orbax" in record.pathname)
+        return not ("orbax" in record.pathname and _disk_error(error) is not None)
 
 
-_DROP_OS_ERRORS = _DropPropagatedOSErrors()
-logging.getLogger("absl").addFilter(_DROP_OS_ERRORS)
-
-
-@contextlib.contextmanager
-def _naming(folder: epath.Path):
-    """Give an ``OSError`` raised while writing a checkpoint the checkpoint's folder as its
-    file name when it has none (orbax's writes raise ``[Errno 28]`` without a path)."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror or str(e), os.fspath(folder)) from e
+logging.getLogger("absl").addFilter(_DropPropagatedWriteErrors())
 
 
 class Checkpointer:
@@ -149,7 +150,7 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   extra=ocp.args.JsonSave(extra))
         self._unsummed.append(step)
-        with _naming(self.directory / str(step)):
+        with self._write_errors(None):  # may report an earlier save's failure: no step named
             self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
@@ -160,7 +161,7 @@ class Checkpointer:
             checkpoint's folder. The checkpoints completed before it are intact.
         """
         pending, self._unsummed = self._unsummed, []
-        with _naming(self.directory / str(pending[-1] if pending else "")):
+        with self._write_errors(pending[-1] if pending else None):
             self._manager.wait_until_finished()
             if jax.process_index() == 0:
                 for step in pending:
@@ -242,6 +243,24 @@ class Checkpointer:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"jaxgen corrupt checkpoint {step} set aside")
         self._manager.reload()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        """A failed write becomes an ``OSError`` naming the checkpoint's folder (orbax's
+        carry no path), after the manager's background writers are stopped (left
+        running, they print thousands of lines as the interpreter exits)."""
+        try:
+            yield
+        except Exception as e:
+            error = _disk_error(e)
+            if error is None:
+                raise
+            self._unsummed = []
+            with contextlib.suppress(Exception), _quiet():
+                self._manager.close()
+            folder = self.directory / str(step) if step is not None else self.directory
+            where = error.filename if error.filename is not None else os.fspath(folder)
+            raise OSError(error.errno, error.strerror or str(error), where) from e
 
     def close(self) -> None:
         """Finish pending work (checksums included) and release the manager."""
