@@ -113,6 +113,8 @@ def fsdp_size(boxed, devices: int) -> int:
     sharded = {name for name, axis in LOGICAL_AXIS_RULES if axis == "fsdp"}
     size = devices
     for box in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        if not isinstance(box, nn.Partitioned):  # an unsharded variable (EDM2's buffers)
+            continue
         for dim, name in zip(box.value.shape, box.names, strict=True):
             if name in sharded:
                 size = math.gcd(size, dim)

@@ -112,14 +112,15 @@ def test_one_step_changes_params_and_is_finite(data_file):
     # The zero-initialised output layer is all the first step can move (the rest gets no
     # gradient through it); the second reaches every layer not behind another zero-initialised
     # residual branch (38 of 111 arrays).
-    out_layer = np.array(state.params["conv_out"]["kernel"])
-    assert np.abs(out_layer).max() > 0
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(state.params)]
+    changed = [not np.array_equal(a, b) for a, b in zip(before, leaves(state.params), strict=True)]
+    assert {p for p, c in zip(paths, changed, strict=True) if c} == {
+        "['conv_out']['bias']", "['conv_out']['kernel']"}
     state, metrics = step(state, batch_of(parts))
     for k in ("loss", "grad_norm", "update_norm", "lr"):
         assert np.isfinite(float(metrics[k])), k
-    assert float(metrics["loss"]) > 0
     changed = [not np.array_equal(a, b) for a, b in zip(before, leaves(state.params), strict=True)]
-    assert sum(changed) >= 30
+    assert sum(changed) == 38 and len(changed) == 111
     assert float(metrics["lr"]) == pytest.approx(config.optim.lr)
     assert set(state.ema) == {"0.9", "0.99"}
 
@@ -255,12 +256,8 @@ def test_bad_config_values_are_input_errors(data_file):
         setup_of(tiny_config(data_file, **{"train.compute_dtype": "float16"}))
 
 
-def test_bfloat16_compute_step_is_finite(data_file):
-    parts = setup_of(tiny_config(data_file, **{"train.compute_dtype": "bfloat16"}))
-    state = init_state(parts, seed=0)
-    assert jax.tree.leaves(state.params)[0].dtype == jnp.float32  # storage stays float32
-    state, metrics = make_train_step(parts)(state, batch_of(parts))
-    assert np.isfinite(float(metrics["loss"]))
+# bfloat16 compute against float32 within its rounding, one step's numbers against
+# AdamW / EMA / accumulation by hand: tests/test_train_step_math.py.
 
 
 def test_tensorboard_events_round_trip(tmp_path):
@@ -345,7 +342,23 @@ def test_evaluation_writes_grid_fid_and_caches_reference(data_file, tmp_path, ca
     grid = tmp_path / "samples" / "00000002.png"
     assert Image.open(grid).size == (8 * 10 + 2, 8 * 10 + 2)
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["step"] == 2 and np.isfinite(record["fid16"]) and record["fid16"] > 0
+    assert record["step"] == 2
+    # The in-loop FID is jaxgen.evaluate's on the same images: the run's first EMA at
+    # step 2 sampled again from its checkpoint with the eval seed and batch size (the
+    # same compiled program, so the same uint8 images), against the first 16 training
+    # images; identical features, float64 statistics summed in another order.
+    from jaxgen.metrics.evaluate import evaluate
+    from jaxgen.metrics.weights import load_inception
+    from jaxgen.train import load_run, sample_images
+
+    run, ev = load_run(tmp_path), config.eval
+    assert run.step == 2
+    samples = np.concatenate(list(sample_images(
+        run.parts, run.params, jax.random.key_data(jax.random.key(ev.seed)), num=64,
+        batch_size=ev.batch_size, solver=ev.solver, steps=ev.steps)))[:16]
+    again = evaluate(tiny_images()[0][:16], samples, ["fid"], inception=load_inception(),
+                     progress=False, batch_size=16)["fid"]
+    assert record["fid16"] == pytest.approx(again, rel=1e-6)
     (cached,) = tmp_path.glob("fid_ref_*.npz")
     assert "computing FID reference statistics of 16 images" in capfd.readouterr().err
     train_and_evaluate(tiny_config(data_file, **{"train.num_steps": 4, "eval.every_steps": 4,
