@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance")
     p.add_argument("--batch-size", type=int, default=256, help="samples per device call")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ema", default=None, help="EMA decay to use (default: the first) or 'params'")
+    p.add_argument("--ema", default=None,
+                   help="weights: an EMA decay (default: the run's first), 'params', "
+                        "'phema:SIGMA_REL' (a power EMA the run tracks) or a phema-*.npz "
+                        "snapshot or reconstruction (python -m jaxgen.phema)")
     p.add_argument("--out", type=epath.Path, default=epath.Path("samples.npz"),
                    help="the .npz to write (local or gs://...); the grid goes beside it")
     return p.parse_args(argv)

@@ -75,6 +75,10 @@ def test_config_differences_rules():
     cosine = {**b, "optim": {"schedule": "cosine"}}
     assert config_differences({**a, "optim": {"schedule": "cosine"}}, cosine) == [
         "train.num_steps: 4 -> 9"]  # a cosine's length is part of the schedule
+    # A field jaxgen added after the run started: no change at the base default only.
+    assert config_differences(a, {**b, "diffusion": {"loss": "denoising"}}) == []
+    assert config_differences(a, {**b, "diffusion": {"loss": "edm2"}}) == [
+        "diffusion.loss: '(absent)' -> 'edm2'"]
 
 
 def _flip_bytes(workdir: Path, step: int) -> Path:

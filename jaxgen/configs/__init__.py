@@ -9,6 +9,8 @@ module docstring gives the command and the paper's settings. From Python,
 - ``cifar10_ddpm``, ``cifar10_edm``, ``cifar10_flow``: DDPM, EDM and flow
   matching on CIFAR-10 with the 35.7M DDPM U-Net (CIFAR fields in ``_cifar10``).
 - ``imagenet_dit_b2``, ``imagenet_dit_xl2``: DiT on ImageNet 64x64 pixels.
+- ``fashion_mnist_edm2``: EDM2 (network, loss, schedule, post-hoc EMA) at toy size (CPU).
+- ``imagenet512_edm2_xs``: EDM2-XS on ImageNet-512 latents, the paper's preset.
 """
 
 RECIPES = (
@@ -18,4 +20,6 @@ RECIPES = (
     "cifar10_flow",
     "imagenet_dit_b2",
     "imagenet_dit_xl2",
+    "fashion_mnist_edm2",
+    "imagenet512_edm2_xs",
 )

@@ -48,11 +48,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.time_sampler_kwargs = ml_collections.ConfigDict()
     c.diffusion.weighting = "uniform"  # uniform | min_snr | edm | p2
     c.diffusion.weighting_kwargs = ml_collections.ConfigDict()
+    # denoising: jaxgen.diffusion.loss (time_sampler, weighting, prediction) | edm2: EDM2's
+    # Eq. 21 with the model's learned uncertainty (process edm, lognormal times, edm weighting)
+    c.diffusion.loss = "denoising"
 
     c.optim = ml_collections.ConfigDict()  # Adam(W)
     c.optim.lr = placeholder(float)  # peak learning rate
-    c.optim.warmup_steps = 0  # linear ramp from 0 to lr
-    c.optim.schedule = "constant"  # constant | cosine
+    c.optim.warmup_steps = 0  # linear ramp from 0 to lr (updates)
+    c.optim.schedule = "constant"  # constant | cosine | inverse_sqrt (EDM2)
+    c.optim.ref_steps = 0  # inverse_sqrt: t_ref, lr / sqrt(max(t / t_ref, 1)) (0: no decay)
     c.optim.final_lr_fraction = 0.0  # cosine: lr at the end / lr
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
@@ -64,7 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = placeholder(int)
     c.train.minutes = 0.0  # stop after this many minutes of training (0: no limit)
-    c.train.ema_decays = placeholder(tuple)  # the first one is sampled from
+    c.train.ema_decays = placeholder(tuple)  # () for none; evaluation samples the first
+    # Power-function EMAs (EDM2), one per sigma_rel (3 decimals at most), e.g. (0.05, 0.1);
+    # () for none. Evaluation samples the first when ema_decays is ().
+    c.train.phema_sigma_rels = ()
+    c.train.phema_snapshot_every = 0  # steps between power-EMA snapshots in WORKDIR/phema (0: none)
     c.train.ema_warmup = False  # decay min(d, (1+n)/(10+n)): fast start in short runs
     c.train.compute_dtype = "float32"  # float32 | bfloat16
     c.train.fsdp = 1  # size of the mesh's fsdp axis (parameter sharding)

@@ -74,30 +74,39 @@ def as_model_fn(
     *,
     train: bool = False,
     rngs: Mapping[str, Array] | None = None,
+    constants: Mapping[str, Any] | None = None,
+    **call_kwargs: Any,
 ) -> ModelFn:
     """A jaxgen model as ``model_fn(params, x_t, t, cond) -> prediction``.
 
-    ``module.apply({"params": params}, x_t, t, cond, train=train, rngs=rngs)``,
-    keeping, for a model with a learned variance (``learn_sigma=True``), only
-    the prediction channels (the first ``C`` of ``2C``), which is what losses
-    and samplers expect. The weights stay an argument: under ``jit`` they are
-    traced, never baked into the program, so one compilation serves every
-    checkpoint. Build the function once and reuse it (compiled samplers are
-    cached on its identity).
+    ``module.apply({"params": params, **constants}, x_t, t, cond, train=train,
+    rngs=rngs, **call_kwargs)``, keeping, for a model with a learned variance
+    (``learn_sigma=True``), only the prediction channels (the first ``C`` of
+    ``2C``), which is what losses and samplers expect. The weights stay an
+    argument: under ``jit`` they are traced, never baked into the program, so
+    one compilation serves every checkpoint. Build the function once and reuse
+    it (compiled samplers are cached on its identity).
 
     Args:
-      module: a :class:`~jaxgen.models.DiT`, :class:`~jaxgen.models.UNet`, or
-        any module with that call signature.
+      module: a :class:`~jaxgen.models.DiT`, :class:`~jaxgen.models.UNet`,
+        :class:`~jaxgen.models.EDM2`, or any module with that call signature.
       train: training mode (dropout, label dropout); needs ``rngs={"dropout": key}``.
       rngs: RNG streams for training mode.
+      constants: the module's variable collections other than ``params``, read
+        by every call and never trained (EDM2's ``buffers``: its fixed Fourier
+        frequencies and phases); ``None`` for a module with none.
+      **call_kwargs: further keywords of the module's call, e.g. EDM2's
+        ``return_logvar=True`` (then ``model_fn`` returns ``(denoised, logvar)``).
 
     Returns:
       ``model_fn(params, x_t [B,H,W,C] float, t [B] float, cond dict or None)``.
     """
     learn_sigma = getattr(module, "learn_sigma", False)
+    constants = dict(constants or {})
 
     def model_fn(params: Any, x_t: Array, t: Array, cond: Cond = None) -> Array:
-        out = module.apply({"params": params}, x_t, t, cond, train=train, rngs=rngs)
+        out = module.apply({"params": params, **constants}, x_t, t, cond, train=train,
+                           rngs=rngs, **call_kwargs)
         return out[..., : x_t.shape[-1]] if learn_sigma else out
 
     return model_fn

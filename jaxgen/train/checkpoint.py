@@ -18,6 +18,7 @@ instead of a rename.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -202,13 +203,11 @@ class Checkpointer:
         """
         self.wait()
         for step in reversed(self.steps()):
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                      extra=ocp.args.JsonRestore())
             try:
                 self.verify(step)
                 verified = (self.directory / str(step) / CHECKSUMS).exists()
                 with _quiet():
-                    restored = self._manager.restore(step, args=args)
+                    restored = self._restore(step, target)
             except _Corrupt as e:
                 self._skip(step, str(e))
                 continue
@@ -223,6 +222,30 @@ class Checkpointer:
                 continue
             return restored["state"], dict(restored["extra"]), step
         return None
+
+    def _restore(self, step: int, target: Any) -> dict:
+        """Orbax's restore of ``step`` into ``target``, also for an older layout of the state.
+
+        A checkpoint saved before a field of a dataclass ``target`` existed
+        (:attr:`jaxgen.train.TrainState.constants` and ``.phema``, ``None``
+        when unused) lacks it, and orbax refuses a target with a key the
+        checkpoint lacks, even an empty one: such a checkpoint is restored
+        without the target's ``None`` fields, which stay ``None``.
+        """
+        args = lambda item: ocp.args.Composite(state=ocp.args.StandardRestore(item),
+                                               extra=ocp.args.JsonRestore())
+        try:
+            return self._manager.restore(step, args=args(target))
+        except ValueError:  # a tree that differs from the saved one
+            fields = ({f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+                      if dataclasses.is_dataclass(target) else {})
+            unused = [name for name, value in fields.items() if value is None]
+            if not unused:
+                raise
+        item = {name: value for name, value in fields.items() if name not in unused}
+        restored = self._manager.restore(step, args=args(item))  # raises if it still differs
+        state = type(target)(**restored["state"], **dict.fromkeys(unused))
+        return {"state": state, "extra": restored["extra"]}
 
     def _skip(self, step: int, why: str) -> None:
         aside = " and set aside" if self.writable else ""

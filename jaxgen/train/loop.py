@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
 from jaxgen.data import TrainIterator, open_source
@@ -27,15 +28,25 @@ from jaxgen.train.monitoring import (
     sample_images,
     save_png,
 )
+from jaxgen.train.phema import (
+    PowerEMAState,
+    load_snapshot,
+    save_snapshot,
+    snapshot_folder,
+    snapshot_name,
+)
 from jaxgen.train.state import (
     LossFn,
     RunParts,
     TrainState,
     abstract_state,
-    ema_name,
+    default_weights_name,
     init_state,
+    make_model,
     make_run_parts,
     make_train_step,
+    phema_sigma_rels,
+    state_weights,
 )
 from jaxgen.train.workdir import WorkdirLock, check_config
 from jaxgen.train.writers import MetricWriter
@@ -111,9 +122,53 @@ def _check_cadence(config: ml_collections.ConfigDict) -> None:
         ("checkpoint.keep", config.checkpoint.keep, 1),
         ("eval.every_steps", config.eval.every_steps, 0),
         ("train.minutes", config.train.minutes, 0),
+        ("train.phema_snapshot_every", _snapshot_every(config), 0),
     ):
         if not value >= least:  # also refuses NaN
             raise InputError(f"{key}={value} must be >= {least}; --config.{key}=N sets it.")
+    every, accum = _snapshot_every(config), config.optim.grad_accum
+    if every and not phema_sigma_rels(config):
+        raise InputError(f"train.phema_snapshot_every={every} saves power EMAs, but "
+                         "train.phema_sigma_rels is empty; set it, e.g. (0.05, 0.1).")
+    if every % accum:
+        raise InputError(f"train.phema_snapshot_every={every} must be a multiple of "
+                         f"optim.grad_accum={accum} (snapshots are taken after an update).")
+
+
+def _snapshot_every(config: ml_collections.ConfigDict) -> int:
+    """``train.phema_snapshot_every`` (absent from configs saved before it existed: 0)."""
+    return config.train.get("phema_snapshot_every", 0)
+
+
+def _save_snapshots(phema: PowerEMAState, config: ml_collections.ConfigDict,
+                    folder: epath.Path) -> None:
+    """Save each power EMA of ``phema`` as ``FOLDER/phema-<t>-<sigma_rel>.npz``.
+
+    ``t`` is the number of optimizer updates the EMAs have averaged (none yet:
+    nothing is saved). Every process calls this (a sharded EMA is gathered);
+    process 0 writes, atomically. A snapshot already there with the same arrays
+    (a step computed again after a resume) is left as it is; one with other
+    arrays is never overwritten: it is kept and reported in one line.
+    """
+    t = int(phema.count)
+    if t == 0:
+        return
+    emas = phema.emas
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        emas = multihost_utils.process_allgather(emas, tiled=True)
+    if jax.process_index() != 0:
+        return
+    for sigma_rel, ema in zip(phema_sigma_rels(config), emas, strict=True):
+        path = folder / snapshot_name(t, sigma_rel)
+        if not path.exists():
+            save_snapshot(folder, ema, t, sigma_rel)
+            continue
+        saved, new = flatten_dict(load_snapshot(path)), flatten_dict(jax.device_get(ema))
+        if saved.keys() != new.keys() or any(not np.array_equal(saved[k], new[k]) for k in new):
+            print(f"warning: {path} exists with other weights (not saved by this run's "
+                  "trajectory); kept, not overwritten.", file=sys.stderr)
 
 
 def build(
@@ -146,13 +201,17 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
     """What a run of ``config`` would do: model, size, data, mesh, schedule, outputs.
 
     Nothing is downloaded: a dataset that is not available locally is reported
-    as such and the model input shape is taken from ``data.resolution``.
+    as such and the model input shape is taken from ``data.resolution`` (its
+    channels from a model built for one input shape, such as EDM2's presets).
     """
     try:
         source, image_shape = open_data(config, download=False)
         data_line = f"data: {source.name}, {len(source):,} images, model input {image_shape}"
     except InputError as e:
         image_shape = model_shape(config, None)
+        # A model built for one input (EDM2) says its channels (e.g. 4 for latents).
+        channels = getattr(make_model(config), "img_channels", image_shape[2])
+        image_shape = (*image_shape[:2], channels)
         data_line = f"data: {config.data.source} (not available here: {e}), model input " \
                     f"{image_shape}"
     try:
@@ -167,6 +226,9 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
 
     params = abstract_init(parts.module, *parts.example_inputs())["params"]
     stop = f"{config.train.num_steps} steps"
+    schedule = config.optim.schedule
+    if schedule == "inverse_sqrt":
+        schedule += f" after {config.optim.ref_steps} updates"
     if config.train.minutes:
         stop += f" or {config.train.minutes} minutes of training, whichever comes first"
     lines = [
@@ -178,14 +240,19 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"{mesh_line} over {jax.device_count()} device(s), "
         f"{jax.process_count()} process(es)",
         f"train: batch {config.data.batch_size}, {stop}, grad_accum {config.optim.grad_accum}, "
-        f"lr {config.optim.lr} ({config.optim.schedule}, warmup {config.optim.warmup_steps}), "
-        f"EMA {list(config.train.ema_decays)}",
+        f"loss {config.diffusion.loss}, lr {config.optim.lr} ({schedule}, warmup "
+        f"{config.optim.warmup_steps}), EMA {list(config.train.ema_decays)}, power EMA "
+        f"sigma_rel {list(phema_sigma_rels(config))}",
         f"checkpoints: every {config.checkpoint.every_steps} steps, keep "
         f"{config.checkpoint.keep}, in {epath.Path(workdir) / 'checkpoints'}",
         f"eval: every {config.eval.every_steps} steps, at minutes {list(config.eval.at_minutes)}; "
-        f"grid of 64 + FID of {config.eval.fid_samples} EMA samples vs "
+        f"grid of 64 + FID of {config.eval.fid_samples} samples of weights "
+        f"{default_weights_name(config)} vs "
         f"{config.eval.fid_reference} ({config.eval.solver}, {config.eval.steps} steps)",
     ]
+    if _snapshot_every(config):
+        lines.append(f"power-EMA snapshots: every {_snapshot_every(config)} steps, in "
+                     f"{snapshot_folder(workdir)}")
     return "\n".join(lines)
 
 
@@ -258,7 +325,8 @@ class _Evaluator:
             self._fid_parts()
 
     def __call__(self, state: TrainState, step: int) -> dict[str, float]:
-        params = state.ema[ema_name(self.parts.config.train.ema_decays[0])]
+        config = self.parts.config
+        params = state_weights(state, config, default_weights_name(config))
         n_grid = 64
         start = time.perf_counter()
         images = np.concatenate(list(sample_images(
@@ -401,6 +469,7 @@ def _train(config, workdir_path, parts, source, lock, write_config: bool, config
     else:
         state, extra, step = restored
         print(f"resuming from {ckpt.directory / str(step)}", file=sys.stderr)
+    parts = parts.with_constants(state.constants)  # for sampling (the step takes the state's)
     data = TrainIterator(
         source, config.data.batch_size, seed=config.seed, flip=config.data.flip,
         pad_to=config.data.pad_to, with_labels=bool(parts.num_classes), mesh=parts.mesh,
@@ -460,6 +529,7 @@ def _train(config, workdir_path, parts, source, lock, write_config: bool, config
         ckpt.close()
         data.close()
 
+    snapshot_every = _snapshot_every(config)
     preempted = False
     with _Signals() as signals:
         tick = time.perf_counter()
@@ -480,15 +550,19 @@ def _train(config, workdir_path, parts, source, lock, write_config: bool, config
                 preempted, due_minutes, out_of_time = _any_process(
                     [signals.stop, due_minutes, out_of_time])
             checkpoint_now = step % config.checkpoint.every_steps == 0
+            snapshot_now = bool(snapshot_every) and step % snapshot_every == 0
             evaluate_now = (config.eval.every_steps and step % config.eval.every_steps == 0)
             stopping = preempted or out_of_time or step == config.train.num_steps
-            if (step % config.train.log_every == 0 or checkpoint_now or evaluate_now
-                    or due_minutes or stopping):
+            if (step % config.train.log_every == 0 or checkpoint_now or snapshot_now
+                    or evaluate_now or due_minutes or stopping):
                 means = read_window()  # waits for the device; raises on divergence
                 if step % config.train.log_every == 0 or stopping:
                     progress.show(step, loss=f"{means['loss']:.4f}")
                     writer.write(step, {**{k: v for k, v in means.items() if k != "finite"},
                                         "train_minutes": train_seconds / 60})
+            if snapshot_now:
+                # Before the checkpoint of the same step: a resume never skips a snapshot.
+                _save_snapshots(state.phema, config, snapshot_folder(workdir_path))
             if checkpoint_now:
                 save()
             if evaluate_now or due_minutes:

@@ -7,23 +7,37 @@ import os
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
 import ml_collections
 from etils import epath
+from flax.traverse_util import flatten_dict
 
 from jaxgen.errors import InputError
+from jaxgen.files import as_path
 from jaxgen.train.checkpoint import Checkpointer
 from jaxgen.train.loop import build
-from jaxgen.train.state import RunParts, abstract_state, ema_name
+from jaxgen.train.phema import load_snapshot
+from jaxgen.train.state import (
+    RunParts,
+    abstract_state,
+    default_weights_name,
+    ema_name,
+    phema_name,
+    phema_sigma_rels,
+    state_weights,
+)
 
 
 class Run(NamedTuple):
     """A run restored from its workdir.
 
     Attributes:
-      parts: model, process, mesh and config (:class:`RunParts`).
+      parts: model, process, mesh and config (:class:`RunParts`), with the
+        model's fixed collections (EDM2's buffers) bound.
       params: the chosen weights, sharded as training left them.
       step: the checkpoint's step.
-      weights: which weights ``params`` are: an EMA key (``repr`` of its decay) or ``params``.
+      weights: which weights ``params`` are: an EMA key (``repr`` of its decay), a
+        power EMA (``phema:<sigma_rel>``), ``params``, or the path of a snapshot file.
     """
 
     parts: RunParts
@@ -45,13 +59,17 @@ def load_run(
 
     Args:
       workdir: the run's folder, holding ``config.json`` and ``checkpoints/``.
-      ema: EMA decay to take (default the run's first, ``train.ema_decays[0]``),
-        or ``"params"`` for the raw training weights.
+      ema: which weights: an EMA decay (default the run's first,
+        ``train.ema_decays[0]``; with none, its first power EMA), ``"params"``
+        for the raw training weights, ``"phema:<sigma_rel>"`` for a power EMA
+        the run keeps, or the path of a ``phema-<t>-<sigma_rel>.npz`` file (a
+        power-EMA snapshot, or a reconstruction by ``python -m jaxgen.phema``).
       module: the Flax module the run was trained with, when it was given to
         :func:`jaxgen.train.train_and_evaluate` as ``module=`` (default: ``config.model``).
 
     Raises:
-      InputError: no ``config.json``, no checkpoint, or an EMA the run does not keep.
+      InputError: no ``config.json``, no checkpoint, weights the run does not keep,
+        or a snapshot file of another model.
     """
     workdir = epath.Path(workdir)
     config_path = workdir / "config.json"
@@ -67,16 +85,44 @@ def load_run(
     if restored is None:
         raise InputError(f"{workdir / 'checkpoints'}: no checkpoint to restore.")
     state, _, step = restored
-    if ema is None:
-        ema = config.train.ema_decays[0]
-    if ema == "params":
-        return Run(parts, state.params, int(step), "params")
-    try:
-        key = ema_name(float(ema))
-    except ValueError:
-        key = str(ema)
-    if key not in state.ema:
+    parts = parts.with_constants(state.constants)
+    if isinstance(ema, str | os.PathLike) and os.fspath(ema).endswith(".npz"):
+        return Run(parts, _load_snapshot_like(ema, state.params), int(step), os.fspath(ema))
+    name = _weights_name(config, ema)
+    phemas = [phema_name(s) for s in phema_sigma_rels(config)]
+    if name not in ("params", *state.ema, *phemas):
         raise InputError(
-            f"ema={ema!r}: the run keeps EMAs with decays {sorted(state.ema)}, or use 'params'."
+            f"ema={ema!r}: the run keeps EMAs with decays {sorted(state.ema)}"
+            + (f", power EMAs {phemas}" if phemas else "") + ", or use 'params'."
         )
-    return Run(parts, state.ema[key], int(step), key)
+    return Run(parts, state_weights(state, config, name), int(step), name)
+
+
+def _weights_name(config: ml_collections.ConfigDict, ema: str | float | None) -> str | None:
+    """The :func:`jaxgen.train.state.state_weights` name ``load_run``'s ``ema`` means
+    (``None``: not a name of any weights)."""
+    if ema is None:
+        return default_weights_name(config)
+    if ema == "params":
+        return ema
+    text = str(ema)
+    try:
+        if text.startswith("phema:"):
+            return phema_name(float(text.removeprefix("phema:")))
+        return ema_name(float(text))
+    except ValueError:
+        return None
+
+
+def _load_snapshot_like(path: str | os.PathLike, params: Any) -> Any:
+    """A snapshot file's weights, checked against the run's parameters and sharded as they are."""
+    if not as_path(path).is_file():
+        raise InputError(f"{path}: no such snapshot file.")
+    loaded = load_snapshot(path)
+    want = {k: v.shape for k, v in flatten_dict(params).items()}
+    got = {k: v.shape for k, v in flatten_dict(loaded).items()}
+    if got != want:
+        differ = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
+        raise InputError(f"{path}: its weights do not fit this run's model (first difference: "
+                         f"{'/'.join(differ[0])}); give a snapshot of this run.")
+    return jax.device_put(loaded, jax.tree.map(lambda p: p.sharding, params))

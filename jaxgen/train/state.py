@@ -1,18 +1,26 @@
 """Train state, optimizer, EMA and the jitted, sharded train step.
 
 The optimizer is a chain of optax transforms (clip -> AdamW with a warmup +
-constant/cosine schedule), wrapped in :class:`optax.MultiSteps` for gradient
-accumulation. Parameters and optimizer state are sharded over the mesh by the
-models' logical axis names (:data:`jaxgen.models.LOGICAL_AXIS_RULES`); the
-batch is split over every mesh axis. One call of the train step consumes one
-(micro-)batch; with ``grad_accum = k`` the parameters and EMAs change every
-``k`` calls and the learning-rate schedule counts those updates.
+constant/cosine schedule, or EDM2's inverse square-root decay), wrapped in
+:class:`optax.MultiSteps` for gradient accumulation. Parameters and optimizer
+state are sharded over the mesh by the models' logical axis names
+(:data:`jaxgen.models.LOGICAL_AXIS_RULES`); the batch is split over every mesh
+axis. One call of the train step consumes one (micro-)batch; with
+``grad_accum = k`` the parameters and EMAs change every ``k`` calls and the
+learning-rate schedule counts those updates.
+
+EDM2 (Karras et al., CVPR 2024) as its official training loop does: the
+network's fixed ``buffers`` travel in :attr:`TrainState.constants`, the stored
+weights are renormalised after every update (:data:`PARAM_CONSTRAINTS`), the
+loss is ``diffusion.loss = "edm2"`` and the power-function EMAs of
+``train.phema_sigma_rels`` are updated after each update (:attr:`TrainState.phema`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -21,23 +29,37 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxgen import diffusion
 from jaxgen.data import to_model_space
+from jaxgen.diffusion.edm2_loss import edm2_loss
 from jaxgen.errors import InputError
-from jaxgen.models import LOGICAL_AXIS_RULES, as_model_fn, create_model
+from jaxgen.models import EDM2, LOGICAL_AXIS_RULES, as_model_fn, create_model, force_normalize
 from jaxgen.parallel import batch_sharding, replicated
+from jaxgen.train.phema import PowerEMAState, power_ema_init, power_ema_update, sigma_rel_to_gamma
+from jaxgen.train.schedules import inverse_sqrt_schedule
 
 PROCESSES = {"vp": diffusion.VP, "edm": diffusion.EDM, "flow": diffusion.Flow}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "inverse_sqrt")
+LOSSES = ("denoising", "edm2")
+
+PARAM_CONSTRAINTS: dict[type, Callable[[Any], Any]] = {EDM2: force_normalize}
+"""Modules whose stored weights are projected after init and after every optimizer update:
+EDM2's forced weight normalisation (Eq. 66; the official network does it at each
+training-mode forward pass, i.e. before the next step uses the weights)."""
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything a run needs to continue.
+
+    The two fields added for EDM2 are ``None`` when unused, so that a run
+    without them saves (and restores) the same checkpoint tree as before
+    they existed.
 
     Attributes:
       step: number of train-step calls so far (micro-batches with accumulation).
@@ -46,6 +68,13 @@ class TrainState:
         the decay written as a string (``"0.9999"``).
       opt_state: optax state of :func:`make_optimizer`'s transform.
       rng: base PRNG key; step ``s`` uses ``fold_in(rng, s)``.
+      constants: the model's variable collections other than ``params``
+        (EDM2's ``buffers``: fixed random Fourier features), made at init with
+        the parameters, passed to every model call, never optimised nor
+        averaged; ``None`` for a model with none.
+      phema: the power-function EMAs of ``train.phema_sigma_rels``
+        (:class:`jaxgen.train.phema.PowerEMAState`, ``emas[i]`` for the i-th
+        sigma_rel); ``None`` when the list is empty.
     """
 
     step: jax.Array
@@ -53,11 +82,54 @@ class TrainState:
     ema: dict[str, Any]
     opt_state: Any
     rng: jax.Array
+    constants: dict[str, Any] | None = None
+    phema: PowerEMAState | None = None
 
 
 def ema_name(decay: float) -> str:
     """Key of an EMA in :attr:`TrainState.ema`."""
     return repr(float(decay))
+
+
+def phema_name(sigma_rel: float) -> str:
+    """Name of a power-function EMA: ``"phema:0.05"`` (``load_run``'s ``ema`` argument)."""
+    return f"phema:{float(sigma_rel)!r}"
+
+
+def phema_sigma_rels(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """``train.phema_sigma_rels`` as a tuple (absent from configs saved before it existed)."""
+    return tuple(float(s) for s in config.train.get("phema_sigma_rels", ()))
+
+
+def default_weights_name(config: ml_collections.ConfigDict) -> str:
+    """Name of the weights evaluation and sampling use unless told otherwise.
+
+    The first EMA of ``train.ema_decays``; with none, the first power EMA of
+    ``train.phema_sigma_rels`` (EDM2's recipe keeps no classic EMA); with
+    neither, the raw parameters (``"params"``).
+    """
+    if config.train.ema_decays:
+        return ema_name(config.train.ema_decays[0])
+    sigma_rels = phema_sigma_rels(config)
+    return phema_name(sigma_rels[0]) if sigma_rels else "params"
+
+
+def state_weights(state: TrainState, config: ml_collections.ConfigDict, name: str) -> Any:
+    """The weights called ``name`` in ``state``: ``"params"``, an :func:`ema_name` or a
+    :func:`phema_name`.
+
+    Raises:
+      InputError: for a name the run does not keep (the message lists those it does).
+    """
+    phemas = {phema_name(s): i for i, s in enumerate(phema_sigma_rels(config))}
+    if name == "params":
+        return state.params
+    if name in state.ema:
+        return state.ema[name]
+    if name in phemas:
+        return state.phema.emas[phemas[name]]
+    kept = ["params", *sorted(state.ema), *phemas]
+    raise InputError(f"{name!r}: the run keeps the weights {kept}.")
 
 
 def make_process(cfg: ml_collections.ConfigDict):
@@ -78,8 +150,9 @@ def make_process(cfg: ml_collections.ConfigDict):
 def _add_sigma_data(kwargs: dict, cfg: ml_collections.ConfigDict, where: str) -> None:
     """``kwargs["sigma_data"] = diffusion.sigma_data``, refusing a second value in ``where``."""
     if "sigma_data" in kwargs:
+        where = where if where.startswith("model.") else f"diffusion.{where}"
         raise InputError(
-            f"diffusion.{where}.sigma_data: set diffusion.sigma_data instead (the one value "
+            f"{where}.sigma_data: set diffusion.sigma_data instead (the one value "
             "the process, the preconditioning and the weighting share)."
         )
     kwargs["sigma_data"] = cfg.sigma_data
@@ -93,16 +166,25 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v
               for k, v in dict(config.model.get("kwargs", {})).items()}
-    return create_model(config.model.name, dtype=DTYPES[config.train.compute_dtype], **kwargs)
+    module = create_model(config.model.name, dtype=DTYPES[config.train.compute_dtype], **kwargs)
+    if hasattr(module, "sigma_data"):  # a model that preconditions itself (EDM2)
+        _add_sigma_data(kwargs, config.diffusion, "model.kwargs")
+        module = module.clone(sigma_data=kwargs["sigma_data"])
+    return module
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_updates: int) -> optax.Schedule:
-    """Linear warmup over ``warmup_steps`` updates, then constant or cosine decay.
+    """Linear warmup over ``warmup_steps`` updates, then constant or cosine decay; or EDM2's.
 
     The cosine decays to ``lr * final_lr_fraction`` at ``total_updates``.
+    ``inverse_sqrt`` is EDM2's ``lr / sqrt(max(t / ref_steps, 1)) * min(t / warmup_steps, 1)``
+    at update ``t`` (:func:`jaxgen.train.schedules.inverse_sqrt_schedule`: ``lr`` is
+    ``alpha_ref``, ``ref_steps`` is ``t_ref`` in updates).
     """
     if cfg.schedule not in SCHEDULES:
         raise InputError(f"optim.schedule={cfg.schedule!r}: use one of {', '.join(SCHEDULES)}.")
+    if cfg.schedule == "inverse_sqrt":
+        return inverse_sqrt_schedule(cfg.lr, cfg.ref_steps, rampup_steps=cfg.warmup_steps)
     if cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
     else:
@@ -145,8 +227,9 @@ def ema_decay(decay: float, updates: jax.Array, warmup: bool) -> jax.Array:
 LossFn = Callable[..., tuple[jax.Array, dict]]
 """``loss_fn(model_fn, params, x0, cond, key) -> (loss, metrics)``: ``loss`` is ``[B]``
 per-example values or a scalar (the train step takes the mean), ``metrics`` a dict
-of scalars; ``model_fn(params, x_t, t, cond)`` is the preconditioned model in
-training mode (dropout on)."""
+of scalars; ``model_fn(params, x_t, t, cond, **kwargs)`` is the preconditioned model
+in training mode (dropout on), keywords passed to the module's call (EDM2's
+``return_logvar=True``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +238,14 @@ class RunParts:
 
     Facts about the model (its classes) come from the built ``module``, never
     from a second copy in the config.
+
+    ``constants`` are the model's fixed variable collections (EDM2's
+    ``buffers``, see :attr:`TrainState.constants`) that :attr:`model_fn` and
+    :meth:`apply` pass to the module; they exist once a state does, so bind
+    them with ``parts = parts.with_constants(state.constants)`` before sampling
+    (the loop and :func:`jaxgen.train.load_run` do). They are host arrays that
+    compiled samplers embed: small, and fixed for the run, so one compilation
+    still serves every checkpoint and EMA.
     """
 
     module: nn.Module
@@ -166,6 +257,17 @@ class RunParts:
     image_shape: tuple[int, int, int]
     config: ml_collections.ConfigDict
     loss_fn: LossFn
+    constants: dict[str, Any] | None = None
+
+    def with_constants(self, constants: dict[str, Any] | None) -> RunParts:
+        """These parts with the model's fixed collections (``state.constants``) bound."""
+        return dataclasses.replace(self, constants=jax.tree.map(np.asarray, constants))
+
+    @property
+    def param_constraint(self) -> Callable[[Any], Any] | None:
+        """The projection of the stored weights after each update (:data:`PARAM_CONSTRAINTS`)."""
+        return next((fn for cls, fn in PARAM_CONSTRAINTS.items()
+                     if isinstance(self.module, cls)), None)
 
     @property
     def num_classes(self) -> int:
@@ -185,7 +287,8 @@ class RunParts:
         ``None`` for an unconditional model."""
         return {"label": jnp.full((1,), self.num_classes, jnp.int32)} if self.num_classes else None
 
-    def apply(self, params, x_t, t, cond, *, train: bool = False, rngs=None):
+    def apply(self, params, x_t, t, cond, *, train: bool = False, rngs=None, constants=None,
+              **call_kwargs):
         """The model as the loss and samplers see it (``model_fn(params, x_t, t, cond)``).
 
         EDM preconditioning (``diffusion.precond == "edm"``) wraps the network
@@ -193,9 +296,14 @@ class RunParts:
         ``c_noise = ln(sigma) / 4``); otherwise it sees ``diffusion.time_scale * t``
         (1000 reproduces DDPM/DiT's step-index embedding for ``t`` in [0, 1]). A
         learned-sigma output keeps only the prediction channels (:func:`jaxgen.models.as_model_fn`).
+        ``constants`` (default: the bound :attr:`constants`) and ``call_kwargs``
+        go to the module as in :func:`jaxgen.models.as_model_fn`; the train step
+        passes the state's own (traced) constants.
         """
 
-        raw = as_model_fn(self.module, train=train, rngs=rngs)
+        raw = as_model_fn(self.module, train=train, rngs=rngs,
+                          constants=self.constants if constants is None else constants,
+                          **call_kwargs)
 
         if self.config.diffusion.precond == "edm":
             sigma_data = getattr(self.process, "sigma_data", self.config.diffusion.sigma_data)
@@ -239,11 +347,15 @@ def make_run_parts(
     process = make_process(config.diffusion)
     if module is None:
         module = make_model(config)
-    if loss_fn is None:
-        loss_fn = functools.partial(
-            diffusion.loss, process=process, prediction=prediction,
-            time_sampler=_time_sampler(config.diffusion), weighting=_weighting(config.diffusion),
+    sigma_data = getattr(module, "sigma_data", config.diffusion.sigma_data)
+    if sigma_data != config.diffusion.sigma_data:
+        raise InputError(
+            f"the model's sigma_data={sigma_data} differs from diffusion.sigma_data="
+            f"{config.diffusion.sigma_data}; the model preconditions with it, so they must agree."
         )
+    _check_phema(config)
+    if loss_fn is None:
+        loss_fn = _make_loss(config.diffusion, module, process, prediction)
     return RunParts(
         module=module,
         process=process,
@@ -257,18 +369,75 @@ def make_run_parts(
     )
 
 
+def _make_loss(cfg: ml_collections.ConfigDict, module: nn.Module, process,
+               prediction: str) -> LossFn:
+    """The :data:`LossFn` of ``config.diffusion.loss`` (absent from older configs: denoising)."""
+    name = cfg.get("loss", "denoising")
+    if name not in LOSSES:
+        raise InputError(f"diffusion.loss={name!r}: use one of {', '.join(LOSSES)}.")
+    if name == "denoising":
+        return functools.partial(
+            diffusion.loss, process=process, prediction=prediction,
+            time_sampler=_time_sampler(cfg), weighting=_weighting(cfg),
+        )
+    want = dict(process="edm", precond="none", prediction="x0", time_sampler="lognormal",
+                weighting="edm")
+    wrong = {k: cfg[k] for k, v in want.items() if cfg[k] != v}
+    if wrong:
+        raise InputError(
+            "diffusion.loss='edm2' (EDM2 Eq. 21) needs diffusion."
+            + ", ".join(f"{k}={v!r}" for k, v in want.items())
+            + " (the network preconditions itself; time_sampler_kwargs p_mean, p_std are EDM2's "
+            + "P_mean, P_std); got " + ", ".join(f"{k}={v!r}" for k, v in wrong.items()) + "."
+        )
+    if "return_logvar" not in inspect.signature(module.__call__).parameters:
+        raise InputError(
+            f"diffusion.loss='edm2' weights the loss by the model's learned uncertainty, but "
+            f"{type(module).__name__} has no return_logvar output; use an edm2-* model."
+        )
+    kwargs = dict(cfg.get("time_sampler_kwargs", {}))
+    unknown = sorted(set(kwargs) - {"p_mean", "p_std"})
+    if unknown:
+        raise InputError(f"diffusion.time_sampler_kwargs: {unknown} unknown; EDM2's loss takes "
+                         "p_mean and p_std.")
+    return functools.partial(_edm2_loss, sigma_data=cfg.sigma_data, **kwargs)
+
+
+def _edm2_loss(model_fn, params, x0, cond, key, **kwargs):
+    """:func:`jaxgen.diffusion.edm2_loss.edm2_loss` over the model's ``(denoised, logvar)``."""
+    return edm2_loss(functools.partial(model_fn, return_logvar=True), params, x0, cond, key,
+                     **kwargs)
+
+
+def _check_phema(config: ml_collections.ConfigDict) -> None:
+    """``train.phema_sigma_rels`` in range with 3 decimals (the snapshots' file names hold them)."""
+    sigma_rels = phema_sigma_rels(config)
+    sigma_rel_to_gamma(sigma_rels)  # the range, in one line
+    odd = [s for s in sigma_rels if round(s, 3) != s]
+    if odd or len(set(sigma_rels)) != len(sigma_rels):
+        raise InputError(
+            f"train.phema_sigma_rels={list(sigma_rels)}: give distinct values with at most 3 "
+            "decimals, e.g. (0.05, 0.1); snapshot file names record them so."
+        )
+
+
 def _init_boxed(parts: RunParts, key: jax.Array) -> TrainState:
     x, t, cond = parts.example_inputs()
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)
-    variables = parts.module.init(key, zeros(x), zeros(t), jax.tree.map(zeros, cond))
-    params = variables["params"]
+    variables = dict(parts.module.init(key, zeros(x), zeros(t), jax.tree.map(zeros, cond)))
+    params = variables.pop("params")
+    if parts.param_constraint is not None:
+        params = parts.param_constraint(params)
     decays = parts.config.train.ema_decays
+    sigma_rels = phema_sigma_rels(parts.config)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema={ema_name(d): params for d in decays},
         opt_state=parts.optimizer.init(params),
         rng=jax.random.fold_in(key, 1),
+        constants=variables or None,
+        phema=power_ema_init(params, sigma_rels) if sigma_rels else None,
     )
 
 
@@ -307,17 +476,26 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
     own metrics, ``grad_norm``, ``update_norm``, ``lr`` and ``finite``. A step
     whose loss, gradient or update is not finite changes nothing in the state
     but its step count (``finite`` is 0), so the state never holds a NaN.
+
+    After each optimizer update (each ``grad_accum``-th call) the weights of a
+    module in :data:`PARAM_CONSTRAINTS` are projected (EDM2's forced weight
+    normalisation), then the EMAs and the power EMAs average the projected
+    weights. The model reads the state's ``constants`` in every call.
     """
     cfg = parts.config
     tx = parts.optimizer
+    sigma_rels = phema_sigma_rels(cfg)
+    constrain = parts.param_constraint
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.rng, state.step)
         k_loss, k_model = jax.random.split(key)
         x0 = to_model_space(batch["image"])
         cond = {"label": batch["label"]} if parts.num_classes else None
-        model_fn = lambda p, x, t, c: parts.apply(p, x, t, c, train=True,
-                                                  rngs={"dropout": k_model})
+
+        def model_fn(p, x, t, c, **kwargs):
+            return parts.apply(p, x, t, c, train=True, rngs={"dropout": k_model},
+                               constants=state.constants or {}, **kwargs)
 
         def objective(params):
             value, metrics = parts.loss_fn(model_fn, params, x0, cond, k_loss)
@@ -328,19 +506,24 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         updated = tx.has_updated(opt_state)
+        keep_unless_updated = lambda new, old: jax.tree.map(
+            lambda n, o: jnp.where(updated, n, o), new, old)
+        if constrain is not None:  # on real updates only: the projection is not idempotent
+            params = keep_unless_updated(constrain(params), params)
         n_updates = _update_count(opt_state)
         ema = {}
         for decay in cfg.train.ema_decays:
             d = ema_decay(decay, n_updates, cfg.train.ema_warmup)
             new = optax.incremental_update(params, state.ema[ema_name(decay)], 1 - d)
-            ema[ema_name(decay)] = jax.tree.map(
-                lambda n, o: jnp.where(updated, n, o), new, state.ema[ema_name(decay)]
-            )
+            ema[ema_name(decay)] = keep_unless_updated(new, state.ema[ema_name(decay)])
+        phema = state.phema
+        if sigma_rels:
+            phema = keep_unless_updated(power_ema_update(phema, params, sigma_rels), phema)
         grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         metrics = dict(metrics, grad_norm=grad_norm, update_norm=update_norm,
                        lr=parts.schedule(n_updates), finite=finite.astype(jnp.float32))
-        new_state = state.replace(params=params, ema=ema, opt_state=opt_state)
+        new_state = state.replace(params=params, ema=ema, opt_state=opt_state, phema=phema)
         # Checked on the device: a non-finite step is dropped without a host round trip.
         kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
         return kept.replace(step=state.step + 1), metrics

@@ -16,6 +16,7 @@ on any host of a multi-host run) or that has not been refreshed for
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -45,17 +46,30 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
+@functools.cache
+def _base_defaults() -> dict[str, Any]:
+    """Every field of the shared base recipe as ``config.json`` stores it, flattened."""
+    from jaxgen.configs import base
+
+    return _flatten(json.loads(base.get_config().to_json_best_effort()))
+
+
 def config_differences(saved: dict, new: dict) -> list[str]:
     """``field: saved -> new`` for every field that differs and may not change on resume.
 
     ``train.num_steps`` may change unless the learning rate follows a cosine
-    (whose length it sets).
+    (whose length it sets). A field the saved configuration lacks, because the run
+    started before jaxgen had it, counts as unchanged while the new value is the
+    base recipe's default (``jaxgen/configs/base.py``), which keeps the old behaviour.
     """
     a, b = _flatten(saved), _flatten(new)
+    defaults = _base_defaults()
     fixed = lambda k: not k.startswith(RESUMABLE) or (
         k == "train.num_steps" and b.get("optim.schedule") == "cosine")
+    added = lambda k: k not in a and k in defaults and b.get(k) == defaults[k]
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-            for k in sorted(a.keys() | b.keys()) if fixed(k) and a.get(k) != b.get(k)]
+            for k in sorted(a.keys() | b.keys())
+            if fixed(k) and a.get(k) != b.get(k) and not added(k)]
 
 
 def check_config(workdir: epath.Path, config_json: str, allow_change: bool = False) -> bool:
