@@ -7,7 +7,7 @@ the other, and prints the median of the logged ``steps_per_s`` (every 50 steps; 
 first window, which holds the compilation, is left out):
 
     git worktree add /tmp/jaxgen-old <commit>
-    python benchmarks/bench_default_job.py --repos . /tmp/jaxgen-old --minutes 2
+    python benchmarks/bench_default_job.py --repos . /tmp/jaxgen-old --minutes 2 --runs 3
 
 Each checkout runs with its own code (``PYTHONPATH`` and working directory set to it)
 and its own defaults for devices (the current trainer splits the batch over one
@@ -51,12 +51,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repos", nargs="+", type=Path, default=[Path(".")])
     p.add_argument("--minutes", type=float, default=2.0)
+    p.add_argument("--runs", type=int, default=3,
+                   help="runs per checkout, the checkouts alternating; medians over the runs")
     args = p.parse_args()
-    rows = [(repo, *steps_per_second(repo.resolve(), args.minutes)) for repo in args.repos]
-    print(f"| checkout | steps/s (median) | steps in {args.minutes:g} min | ratio to first |")
-    print("|---|---|---|---|")
-    for repo, rate, steps in rows:
-        print(f"| {repo} | {rate:.2f} | {steps} | {rate / rows[0][1]:.2f} |")
+    results: dict[Path, list[tuple[float, int]]] = {repo: [] for repo in args.repos}
+    for _ in range(args.runs):
+        for repo in args.repos:
+            results[repo].append(steps_per_second(repo.resolve(), args.minutes))
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"load average at the end: {load}\n")
+    print(f"| checkout | steps/s (median of {args.runs} runs) | runs | steps in {args.minutes:g} "
+          "min (median) | ratio to first |")
+    print("|---|---|---|---|---|")
+    first = float(np.median([rate for rate, _ in results[args.repos[0]]]))
+    for repo, runs in results.items():
+        rate = float(np.median([r for r, _ in runs]))
+        each = ", ".join(f"{r:.2f}" for r, _ in runs)
+        steps = int(np.median([n for _, n in runs]))
+        print(f"| {repo} | {rate:.2f} | {each} | {steps} | {rate / first:.2f} |")
 
 
 if __name__ == "__main__":

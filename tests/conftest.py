@@ -59,3 +59,17 @@ def data_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "tiny.npz"
     np.savez(path, arr_0=images, arr_1=labels)
     return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: the suite compiles thousands
+    (many in float64), and keeping all of them alive grows one process's memory for the
+    whole run."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
