@@ -3,6 +3,7 @@ loss, one model_fn with traced weights, on-device finiteness, progress against t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -119,6 +120,31 @@ def test_user_module_and_loss_train_resume_and_sample(data_file, tmp_path):
     assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert "mean_abs_x0" in logged[-1] and np.isfinite(logged[-1]["loss"])
+
+
+def test_frozen_weights_reach_the_loss_as_arguments(data_file):
+    # A teacher's weights: the loss regresses the model onto the frozen teacher's output.
+    config = tiny_config(data_file, **{"optim.warmup_steps": 0})
+    module = _Tiny()
+    teacher = module.init(jax.random.key(7), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
+                          {"label": jnp.zeros((1,), jnp.int32)})["params"]
+    def distill(model_fn, params, x0, cond, key, frozen):
+        t = jnp.full((x0.shape[0],), 0.5)
+        target = module.apply({"params": frozen["teacher"]}, x0, t, cond)
+        return jnp.mean((model_fn(params, x0, t, cond) - target) ** 2, axis=(1, 2, 3)), {}
+
+    parts, _ = loop.build(config, module=module, loss_fn=distill, frozen={"teacher": teacher})
+    state = init_state(parts, 0)
+    batch = batch_of(parts)
+    x0 = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1
+    t, cond = jnp.full((8,), 0.5), {"label": batch["label"]}
+    want = np.mean((np.asarray(module.apply({"params": state.params}, x0, t, cond))
+                    - np.asarray(module.apply({"params": teacher}, x0, t, cond))) ** 2)
+    _, metrics = make_train_step(parts)(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+    other = dataclasses.replace(parts, frozen={"teacher": jax.tree.map(lambda p: 2 * p, teacher)})
+    _, metrics2 = make_train_step(other)(init_state(parts, 0), batch)
+    assert float(metrics2["loss"]) != float(metrics["loss"])
 
 
 def test_sampling_a_new_checkpoint_or_ema_never_recompiles(data_file):

@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -177,13 +178,15 @@ def build(
     *,
     module: nn.Module | None = None,
     loss_fn: LossFn | None = None,
+    frozen: Any = None,
 ) -> tuple[RunParts, object]:
     """The run's :class:`RunParts` and training source (no parameters allocated).
 
     Args:
       config: the run's configuration.
       source: the training images; default :func:`open_data`.
-      module, loss_fn: a user's model and loss (see :func:`make_run_parts`).
+      module, loss_fn, frozen: a user's model, loss and the loss's frozen weights
+        (see :func:`make_run_parts`).
     """
     _check_cadence(config)
     if source is None:
@@ -192,7 +195,8 @@ def build(
         image_shape = model_shape(config, source.image_shape)
     mesh = make_mesh(fsdp=config.train.fsdp)
     total_updates = max(config.train.num_steps // config.optim.grad_accum, 1)
-    parts = make_run_parts(config, mesh, image_shape, total_updates, module=module, loss_fn=loss_fn)
+    parts = make_run_parts(config, mesh, image_shape, total_updates, module=module,
+                           loss_fn=loss_fn, frozen=frozen)
     _check_labels(parts, source)
     return parts, source
 
@@ -398,6 +402,7 @@ def train_and_evaluate(
     *,
     module: nn.Module | None = None,
     loss_fn: LossFn | None = None,
+    frozen: Any = None,
     allow_config_change: bool = False,
 ) -> TrainState:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
@@ -423,6 +428,9 @@ def train_and_evaluate(
         same module again to resume or to :func:`jaxgen.train.load_run`).
       loss_fn: train with this loss instead of :func:`jaxgen.diffusion.loss`
         (a :data:`jaxgen.train.state.LossFn`).
+      frozen: weights ``loss_fn`` reads but does not train (a teacher's
+        parameters, an encoder's), given to it as ``frozen=`` (traced, replicated;
+        not checkpointed: give them again to resume).
       allow_config_change: continue a run whose saved configuration differs
         (the new one is saved); otherwise that is refused.
 
@@ -440,7 +448,7 @@ def train_and_evaluate(
     config_json = config.to_json_best_effort(indent=2) + "\n"
     # Everything is checked before anything is written: a refused start leaves no trace.
     rewrite_config = check_config(workdir_path, config_json, allow_config_change)
-    parts, source = build(config, module=module, loss_fn=loss_fn)
+    parts, source = build(config, module=module, loss_fn=loss_fn, frozen=frozen)
     lock = WorkdirLock(workdir_path)
     created = main and not workdir_path.exists()
     if main:

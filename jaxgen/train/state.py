@@ -229,7 +229,9 @@ LossFn = Callable[..., tuple[jax.Array, dict]]
 per-example values or a scalar (the train step takes the mean), ``metrics`` a dict
 of scalars; ``model_fn(params, x_t, t, cond, **kwargs)`` is the preconditioned model
 in training mode (dropout on), keywords passed to the module's call (EDM2's
-``return_logvar=True``)."""
+``return_logvar=True``). A run with frozen weights (:attr:`RunParts.frozen`: a
+distillation teacher, a feature encoder) calls ``loss_fn(..., key, frozen=frozen)``
+with them as traced arrays."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +260,7 @@ class RunParts:
     config: ml_collections.ConfigDict
     loss_fn: LossFn
     constants: dict[str, Any] | None = None
+    frozen: Any = None
 
     def with_constants(self, constants: dict[str, Any] | None) -> RunParts:
         """These parts with the model's fixed collections (``state.constants``) bound."""
@@ -326,6 +329,7 @@ def make_run_parts(
     *,
     module: nn.Module | None = None,
     loss_fn: LossFn | None = None,
+    frozen: Any = None,
 ) -> RunParts:
     """Model, process, optimizer and mesh of ``config`` for images of ``image_shape``.
 
@@ -340,6 +344,7 @@ def make_run_parts(
         ``create_model(config.model.name, **config.model.kwargs)``.
       loss_fn: a :data:`LossFn`; default :func:`jaxgen.diffusion.loss` with the
         process, prediction, time sampler and weighting of ``config.diffusion``.
+      frozen: weights ``loss_fn`` takes as ``frozen=`` (:attr:`RunParts.frozen`).
     """
     if config.diffusion.precond not in ("none", "edm"):
         raise InputError(f"diffusion.precond={config.diffusion.precond!r}: use 'none' or 'edm'.")
@@ -366,6 +371,7 @@ def make_run_parts(
         image_shape=tuple(image_shape),
         config=config,
         loss_fn=loss_fn,
+        frozen=frozen,
     )
 
 
@@ -469,6 +475,10 @@ def init_state(parts: RunParts, seed: int) -> TrainState:
 def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted ``train_step(state, batch) -> (state, metrics)``.
 
+    :attr:`RunParts.frozen` weights, when there are any, are placed on the mesh
+    once (replicated) and passed to the compiled step as an argument at every
+    call, and to the loss as ``frozen=``.
+
     ``batch`` holds ``image`` (uint8 NHWC, global, batch-sharded) and, for a
     class-conditional model, ``label``. The state is donated. ``metrics`` are
     replicated scalars that stay on the device (reading them waits for the
@@ -487,7 +497,10 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
     sigma_rels = phema_sigma_rels(cfg)
     constrain = parts.param_constraint
 
-    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    loss_kwargs = (lambda frozen: {}) if parts.frozen is None else (
+        lambda frozen: {"frozen": frozen})
+
+    def step_fn(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.rng, state.step)
         k_loss, k_model = jax.random.split(key)
         x0 = to_model_space(batch["image"])
@@ -498,7 +511,8 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
                                constants=state.constants or {}, **kwargs)
 
         def objective(params):
-            value, metrics = parts.loss_fn(model_fn, params, x0, cond, k_loss)
+            value, metrics = parts.loss_fn(model_fn, params, x0, cond, k_loss,
+                                           **loss_kwargs(frozen))
             value = jnp.mean(value)  # per-example [B] or already a scalar
             return value, dict(metrics, loss=value)
 
@@ -530,12 +544,14 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
 
     shardings = state_shardings(parts)
     data = batch_sharding(parts.mesh)
-    return jax.jit(
+    step = jax.jit(
         step_fn,
-        in_shardings=(shardings, data),
+        in_shardings=(shardings, data, replicated(parts.mesh)),
         out_shardings=(shardings, replicated(parts.mesh)),
         donate_argnums=0,
     )
+    frozen = jax.device_put(parts.frozen, replicated(parts.mesh))
+    return lambda state, batch: step(state, batch, frozen)
 
 
 def _update_count(opt_state: optax.MultiStepsState) -> jax.Array:
