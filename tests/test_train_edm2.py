@@ -3,6 +3,7 @@ schedule, power-function EMAs with snapshots, resume, load_run, post-hoc reconst
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from typing import Any
@@ -329,6 +330,35 @@ def test_inverse_sqrt_schedule_is_the_official_one():
     for t in (0, 1000, 4883, 70_000, 140_000, 1_048_575):
         # rtol: the ramp-up is 4883 updates here, 4882.8 there
         np.testing.assert_allclose(float(schedule(t)), official(t * 2048), rtol=1e-4, atol=0)
+
+
+# NVlabs/edm2 train_edm2.py config_presets (duration in Mi images, lr, decay, P_mean, P_std)
+# with the official networks' parameter counts (1000 classes).
+OFFICIAL_PRESETS = {
+    "imagenet512_edm2_xs": (2048, 0.0120, 70_000, -0.4, 1.0, "124,713,253"),
+    "imagenet512_edm2_s": (2048, 0.0100, 70_000, -0.4, 1.0, "280,212,837"),
+    "imagenet512_edm2_m": (2048, 0.0090, 70_000, -0.4, 1.0, "497,807,781"),
+    "imagenet512_edm2_l": (1792, 0.0080, 70_000, -0.4, 1.0, "777,498,085"),
+    "imagenet512_edm2_xl": (1280, 0.0070, 70_000, -0.4, 1.0, "1,119,283,749"),
+    "imagenet512_edm2_xxl": (896, 0.0065, 70_000, -0.4, 1.0, "1,523,164,773"),
+    "imagenet64_edm2_s": (1024, 0.0100, 35_000, -0.8, 1.6, None),
+}
+
+
+@pytest.mark.parametrize("name", OFFICIAL_PRESETS)
+def test_edm2_recipes_are_the_official_presets(name):
+    mimg, lr, decay, p_mean, p_std, count = OFFICIAL_PRESETS[name]
+    config = importlib.import_module(f"jaxgen.configs.{name}").get_config()
+    assert config.train.num_steps * config.data.batch_size == mimg * 2**20
+    assert config.data.batch_size == 2048 and config.optim.weight_decay == 0
+    assert (config.optim.lr, config.optim.ref_steps) == (lr, decay)
+    assert dict(config.diffusion.time_sampler_kwargs) == {"p_mean": p_mean, "p_std": p_std}
+    assert config.train.phema_sigma_rels == (0.05, 0.1)
+    text = describe(config, "/nonexistent")
+    channels = 3 if name.startswith("imagenet64") else 4
+    assert f"model input (64, 64, {channels})" in text
+    if count is not None:
+        assert f"{count} parameters" in text
 
 
 def test_recipes_describe_the_paper_network(data_file):

@@ -10,7 +10,8 @@ module docstring gives the command and the paper's settings. From Python,
   matching on CIFAR-10 with the 35.7M DDPM U-Net (CIFAR fields in ``_cifar10``).
 - ``imagenet_dit_b2``, ``imagenet_dit_xl2``: DiT on ImageNet 64x64 pixels.
 - ``fashion_mnist_edm2``: EDM2 (network, loss, schedule, post-hoc EMA) at toy size (CPU).
-- ``imagenet512_edm2_xs``: EDM2-XS on ImageNet-512 latents, the paper's preset.
+- ``imagenet512_edm2_{xs,s,m,l,xl,xxl}``: EDM2 on ImageNet-512 latents, the official
+  presets (shared settings in ``_edm2``); ``imagenet64_edm2_s``: EDM2-S on ImageNet-64 pixels.
 """
 
 RECIPES = (
@@ -22,4 +23,10 @@ RECIPES = (
     "imagenet_dit_xl2",
     "fashion_mnist_edm2",
     "imagenet512_edm2_xs",
+    "imagenet512_edm2_s",
+    "imagenet512_edm2_m",
+    "imagenet512_edm2_l",
+    "imagenet512_edm2_xl",
+    "imagenet512_edm2_xxl",
+    "imagenet64_edm2_s",
 )

@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.process = placeholder(str)  # vp | edm | flow
     c.diffusion.process_kwargs = ml_collections.ConfigDict()  # the process's arguments
     c.diffusion.prediction = placeholder(str)  # eps | x0 | v | velocity | score
-    c.diffusion.precond = "none"  # none | edm (Karras et al. 2022 preconditioning; predicts x0)
+    c.diffusion.precond = "none"  # none | edm (Karras et al. 2022; predicts x0) | consistency
+    # (Song et al. 2023, Eq. 5: f(x, sigma_min) = x exactly; sampled by the consistency sampler)
     c.diffusion.sigma_data = 0.5  # data scale: the EDM process, precond="edm" and weighting="edm"
     c.diffusion.time_scale = 1.0  # the network sees time_scale * t (precond="none")
     c.diffusion.time_sampler = placeholder(str)  # uniform | lognormal | logit_normal | discrete
@@ -50,7 +51,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.weighting_kwargs = ml_collections.ConfigDict()
     # denoising: jaxgen.diffusion.loss (time_sampler, weighting, prediction) | edm2: EDM2's
     # Eq. 21 with the model's learned uncertainty (process edm, lognormal times, edm weighting)
+    # | ict: consistency training (Song & Dhariwal 2024) | cd: consistency distillation of
+    # distill.teacher (Song et al. 2023, Alg. 2); ict and cd need process edm, precond consistency
     c.diffusion.loss = "denoising"
+
+    c.distill = ml_collections.ConfigDict()  # consistency training and distillation
+    c.distill.teacher = placeholder(str)  # cd: the teacher's jaxgen.train workdir (not copied)
+    c.distill.teacher_weights = placeholder(str)  # its EMA decay, 'params', ... (None: default)
+    c.distill.solver = "heun"  # cd: the teacher's ODE step, a deterministic SOLVERS entry
+    # Arguments of jaxgen.diffusion.consistency.ict_loss (s0, s1, rho, p_mean, p_std,
+    # distance) or cd_loss (num_scales, rho, distance, weighting); empty: the papers' values
+    c.distill.loss_kwargs = ml_collections.ConfigDict()
 
     c.optim = ml_collections.ConfigDict()  # Adam(W)
     c.optim.lr = placeholder(float)  # peak learning rate

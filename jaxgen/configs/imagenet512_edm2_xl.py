@@ -1,0 +1,27 @@
+"""Class-conditional ImageNet-512 with EDM2-XL in 64x64x4 latents (Karras et al., CVPR 2024).
+
+NVlabs/edm2's preset ``edm2-img512-xl``: 1,119,283,749 parameters; the
+settings every EDM2 preset shares are in :mod:`jaxgen.configs._edm2`. The
+official post-hoc EMA reconstructions give FID 1.96 (sigma_rel
+0.085) and 1.85 with guidance 1.20 by an unconditional XS (sigma_rel 0.020).
+
+Data: the latents are a file you provide, ``--config.data.source=PATH``:
+ImageNet train images center-cropped to 512x512 and encoded by the Stable
+Diffusion VAE (sd-vae-ft-mse) into 64x64x4 latents, normalised as EDM2's
+``StabilityVAEEncoder`` does (per-channel mean 5.81, 3.25, 0.12, -2.15 and
+std 4.17, 4.62, 3.71, 3.28, scaled to std 0.5), with labels.
+
+    python -m jaxgen.train --config jaxgen/configs/imagenet512_edm2_xl.py \
+        --workdir runs/in512_edm2_xl --config.data.source=PATH --dry-run
+    python -m jaxgen.phema --workdir runs/in512_edm2_xl --sigma-rel 0.1 \
+        --out runs/in512_edm2_xl/posthoc
+"""
+
+import ml_collections
+
+from jaxgen.configs import _edm2
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The base with the ``edm2-img512-xl`` preset's fields."""
+    return _edm2.get_config("img512-xl")

@@ -1,0 +1,27 @@
+"""Class-conditional ImageNet-512 with EDM2-XXL in 64x64x4 latents (Karras et al., CVPR 2024).
+
+NVlabs/edm2's preset ``edm2-img512-xxl``: 1,523,164,773 parameters; the
+settings every EDM2 preset shares are in :mod:`jaxgen.configs._edm2`. The
+official post-hoc EMA reconstructions give FID 1.91 (sigma_rel
+0.070) and 1.81 with guidance 1.20 by an unconditional XS (sigma_rel 0.015).
+
+Data: the latents are a file you provide, ``--config.data.source=PATH``:
+ImageNet train images center-cropped to 512x512 and encoded by the Stable
+Diffusion VAE (sd-vae-ft-mse) into 64x64x4 latents, normalised as EDM2's
+``StabilityVAEEncoder`` does (per-channel mean 5.81, 3.25, 0.12, -2.15 and
+std 4.17, 4.62, 3.71, 3.28, scaled to std 0.5), with labels.
+
+    python -m jaxgen.train --config jaxgen/configs/imagenet512_edm2_xxl.py \
+        --workdir runs/in512_edm2_xxl --config.data.source=PATH --dry-run
+    python -m jaxgen.phema --workdir runs/in512_edm2_xxl --sigma-rel 0.1 \
+        --out runs/in512_edm2_xxl/posthoc
+"""
+
+import ml_collections
+
+from jaxgen.configs import _edm2
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The base with the ``edm2-img512-xxl`` preset's fields."""
+    return _edm2.get_config("img512-xxl")
