@@ -11,6 +11,9 @@ a progress bar goes to stderr. Bad input exits with code 2 and a one-line
 message. ``fd_dinov2``, ``cmmd`` and ``clean_fid`` run DINOv2 ViT-L/14, CLIP
 ViT-L/14-336 and clean-fid's resize + Inception (``jaxgen.metrics.encoder_eval``);
 ``--features dinov2`` computes fid/kid/pr/dc/fid_inf on DINOv2 features.
+Asked together, Inception and encoder metrics share one read of each side's
+images, each batch going through every network. A statistics file whose
+``network`` (protocol) differs from the features compared is refused by name.
 ``--json`` may be in a bucket (``gs://...``); it must not be an input,
 and a place it cannot be written is refused before the work. Should the write
 still fail, the results are on stdout already.
@@ -99,22 +102,21 @@ def main(argv: list[str] | None = None) -> int:
                   seed=args.seed)
     common = dict(batch_size=args.batch_size, num_real=args.num_real, num_fake=args.num_fake,
                   progress=not args.no_progress)
-    result = {}
-    if len(on_encoders) < len(metrics) or not metrics:
-        result = evaluate(
-            args.real, args.fake, [m for m in metrics if m not in on_encoders],
-            inception=load_inception(args.weights), **scores, **common,
-        )
-    if on_encoders:
+    if on_encoders:  # one read of each side feeds every network (Inception's metrics too)
         from jaxgen.encoders import load_clip, load_dinov2
 
-        result.update(evaluate_encoders(
-            args.real, args.fake, on_encoders, features=args.features,
-            inception=load_inception(args.weights) if "clean_fid" in on_encoders else None,
+        result = evaluate_encoders(
+            args.real, args.fake, metrics, features=args.features,
+            inception=(load_inception(args.weights)
+                       if "clean_fid" in on_encoders or len(on_encoders) < len(metrics)
+                       else None),
             dinov2=load_dinov2(args.dinov2_weights) if args.dinov2_weights else None,
             clip=load_clip(args.clip_weights) if args.clip_weights else None,
             **scores, **common,
-        ))
+        )
+    else:
+        result = evaluate(args.real, args.fake, metrics, inception=load_inception(args.weights),
+                          **scores, **common)
     text = json.dumps(result, indent=2)
     print(text, flush=True)  # first: a failed write below must not lose the results
     if args.json is not None:

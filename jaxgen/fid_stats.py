@@ -4,7 +4,11 @@
 
 SOURCE is anything ``python -m jaxgen.evaluate`` accepts as images. OUT.npz
 holds ``mu``/``sigma`` (pool3, pytorch-fid's layout), ``mu_s``/``sigma_s``
-(sFID, the ADM evaluator's keys) and ``n``; both tools read it. OUT.npz may be
+(sFID, the ADM evaluator's keys), ``n``, and ``network``/``network_s`` naming
+the features' network and protocol (``inception-2015-12-05/pool3``,
+``inception-2015-12-05/mixed_6_conv[:7]``); both tools read it, and
+``python -m jaxgen.evaluate`` refuses to compare it with statistics of another
+protocol. OUT.npz may be
 in a bucket (``gs://...``); it must not be SOURCE, and a place it cannot be
 written is refused before the work.
 """

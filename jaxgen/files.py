@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import posixpath
 import secrets
@@ -41,6 +42,15 @@ from typing import BinaryIO
 from etils import epath
 
 from jaxgen.errors import InputError
+
+
+def sha256(path: epath.PathLike) -> str:
+    """Hex SHA-256 of the file at ``path`` (local or ``gs://``), read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with as_path(path).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_local(path: epath.PathLike) -> bool:

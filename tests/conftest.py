@@ -53,7 +53,7 @@ def module_compile_cache(tmp_path_factory):
 def data_file(tmp_path_factory) -> str:
     """An ADM-layout npz of test_train's tiny labelled 8x8 images (``config.data.source``)."""
     import numpy as np
-    from test_train import tiny_images
+    from train_fixtures import tiny_images
 
     images, labels = tiny_images()
     path = tmp_path_factory.mktemp("data") / "tiny.npz"

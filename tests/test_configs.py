@@ -37,6 +37,7 @@ def test_recipe_builds_on_base_and_sets_every_placeholder(name):
         f.startswith(f"{k}.") for f in leaves)]  # an empty dict of arguments may be filled
     assert not dropped, f"{name} drops or renames fields of the base: {dropped}"
     optional = {"data.resolution", "data.pad_to", "eval.fid_reference_num",
+                "distill.teacher", "distill.teacher_weights",
                 "parallel.coordinator", "parallel.num_processes", "parallel.process_id"}
     unset = [k for k, v in defaults.items() if v is None and k not in optional
              and leaves[k] is None]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import tiny_config, tiny_images  # tests/ is on sys.path under pytest
+from train_fixtures import tiny_config, tiny_images  # tests/ is on sys.path under pytest
 
 from jaxgen import sample
 from jaxgen.configs import RECIPES

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from train_fixtures import assert_same, batch_of, leaves, setup_of, tiny_config, tiny_images
 
-from jaxgen.configs import fashion_mnist as default_config
 from jaxgen.data import ArraySource
 from jaxgen.errors import InputError
 from jaxgen.models import count_params
-from jaxgen.parallel import make_mesh
 from jaxgen.train import (
     Checkpointer,
     TrainingDiverged,
@@ -28,7 +26,6 @@ from jaxgen.train import (
     image_grid,
     init_state,
     loop,
-    make_run_parts,
     make_train_step,
     read_events,
     train_and_evaluate,
@@ -41,63 +38,6 @@ TINY_PARAMS = 45_201
 
 # Compilations are reused between the runs of the module (identical configs, identical HLO).
 pytestmark = pytest.mark.usefixtures("module_compile_cache")
-
-
-def tiny_images(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Small structured 8x8 grayscale images (bars whose position is the label) + labels."""
-    rng = np.random.default_rng(0)
-    labels = np.arange(n) % 4
-    images = rng.integers(0, 40, (n, 8, 8, 1), dtype=np.uint8)
-    for i, y in enumerate(labels):
-        images[i, 2 * y : 2 * y + 2] = 220
-    return images, labels
-
-
-def tiny_config(source: str, **overrides) -> ml_collections.ConfigDict:
-    """The default recipe shrunk to a 45k-parameter U-Net on 8x8 images, no FID."""
-    c = default_config.get_config()
-    c.data.source = source
-    c.data.batch_size = 8
-    c.model.kwargs = ml_collections.ConfigDict(dict(
-        ch=8, ch_mult=(1, 2), num_res_blocks=1, attention_levels=(), head_channels=8,
-        num_groups=4, dropout=0.1, num_classes=4, class_dropout=0.1,
-    ))
-    c.optim.warmup_steps = 2
-    c.train.num_steps = 4
-    c.train.ema_decays = (0.9, 0.99)
-    c.train.log_every = 1
-    c.checkpoint.every_steps = 2
-    c.eval.every_steps = 0
-    c.eval.at_minutes = ()
-    c.eval.batch_size = 16
-    c.eval.steps = 2
-    c.eval.fid_samples = 0
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
-
-
-def leaves(tree) -> list[np.ndarray]:
-    return [np.array(x) for x in jax.tree.leaves(tree)]  # copies: the step donates its input
-
-
-def assert_same(a, b) -> None:
-    for x, y in zip(leaves(a), leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
-def setup_of(config, mesh=None):
-    mesh = make_mesh() if mesh is None else make_mesh(fsdp=config.train.fsdp)
-    return make_run_parts(config, mesh, (8, 8, 1), config.train.num_steps)
-
-
-def batch_of(parts, n: int = 8) -> dict:
-    images, labels = tiny_images(n)
-    return {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32)}
 
 
 def test_one_step_changes_params_and_is_finite(data_file):
@@ -284,7 +224,7 @@ import sys
 import numpy as np
 import jax
 sys.path[:0] = [{repo!r}, {tests!r}]
-from test_train import tiny_config
+from train_fixtures import tiny_config
 from jaxgen.train import train_and_evaluate
 state = train_and_evaluate(tiny_config({data!r}), {workdir!r})
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4

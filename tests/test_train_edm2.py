@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from test_train import tiny_config, tiny_images
+from train_fixtures import assert_same, leaves, set_fields, tiny_config, tiny_images
 
 from jaxgen import phema as phema_cli
+from jaxgen import sampling
 from jaxgen.configs import fashion_mnist_edm2, imagenet512_edm2_xs
 from jaxgen.errors import InputError
 from jaxgen.models import EDM2
@@ -65,23 +66,7 @@ def tiny_edm2_config(source: str, **overrides) -> ml_collections.ConfigDict:
     c.eval.every_steps = 0
     c.eval.at_minutes = ()
     c.eval.fid_samples = 0
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
-
-
-def leaves(tree) -> list[np.ndarray]:
-    return [np.array(x) for x in jax.tree.leaves(tree)]  # copies: the step donates its input
-
-
-def assert_same(a, b) -> None:
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(leaves(a), leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    return set_fields(c, overrides)
 
 
 def batch() -> dict:
@@ -189,10 +174,19 @@ def test_load_run_samples_the_first_power_ema_with_the_buffers(data_file, straig
     want = module.apply({"params": state.phema.emas[0], **state.constants}, x, sigma, cond)
     got = run.parts.model_fn(run.params, x, sigma, cond)  # on the mesh: float32 rounding apart
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    key = jax.random.key_data(jax.random.key(0))
     images = np.concatenate(list(sample_images(
-        run.parts, run.params, jax.random.key_data(jax.random.key(0)), num=4, batch_size=4,
-        solver="euler", steps=2)))
-    assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
+        run.parts, run.params, key, num=4, batch_size=4, solver="euler", steps=2)))
+    # The same draw through the module with the buffers bound by hand (labels i % 4).
+    by_hand = np.concatenate(list(sampling.generate(
+        lambda p, x, t, c: module.apply({"params": p, **state.constants}, x, t, c),
+        run.params, run.parts.process, key, (8, 8, 1), num=4, batch_size=4,
+        cond=lambda idx: {"label": jnp.asarray(idx % 4, jnp.int32)},
+        prediction=run.parts.prediction, solver="euler", steps=2)))
+    assert images.dtype == np.uint8 and images.shape == by_hand.shape == (4, 8, 8, 1)
+    # float32 rounding on the mesh may move a value across a uint8 rounding boundary
+    assert np.abs(images.astype(int) - by_hand).max() <= 1
+    assert np.mean(images != by_hand) < 0.05
 
 
 def test_phema_cli_reconstructs_from_the_runs_snapshots(straight, tmp_path):

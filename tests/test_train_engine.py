@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import batch_of, leaves, setup_of, tiny_config
+from train_fixtures import UserNet, batch_of, leaves, setup_of, tiny_config
 
 from jaxgen import diffusion
 from jaxgen.errors import InputError
@@ -85,19 +84,6 @@ def test_edm_sigma_data_reaches_the_preconditioning(data_file):
         setup_of(config)
 
 
-class _Tiny(nn.Module):
-    """A user's model: not a jaxgen preset, same call signature, its own classes."""
-
-    num_classes: int = 4
-
-    @nn.compact
-    def __call__(self, x, t, cond=None, train: bool = False):
-        h = nn.Conv(8, (3, 3))(x) + nn.Dense(8)(t[:, None])[:, None, None, :]
-        if cond is not None:
-            h = h + nn.Embed(self.num_classes + 1, 8)(cond["label"])[:, None, None, :]
-        return nn.Conv(x.shape[-1], (3, 3))(nn.silu(h))
-
-
 def test_user_module_and_loss_train_resume_and_sample(data_file, tmp_path):
     calls = []
 
@@ -110,10 +96,10 @@ def test_user_module_and_loss_train_resume_and_sample(data_file, tmp_path):
 
     config = tiny_config(data_file, **{"train.num_steps": 4})
     workdir = tmp_path / "run"
-    state = train_and_evaluate(config, str(workdir), module=_Tiny(), loss_fn=my_loss)
+    state = train_and_evaluate(config, str(workdir), module=UserNet(), loss_fn=my_loss)
     assert int(state.step) == 4 and calls  # traced once, then compiled
     assert set(state.params) == {"Conv_0", "Conv_1", "Dense_0", "Embed_0"}
-    run = load_run(workdir, module=_Tiny())
+    run = load_run(workdir, module=UserNet())
     assert run.step == 4 and run.parts.num_classes == 4
     (images,) = sample_images(run.parts, run.params, jax.random.key(0), num=8, batch_size=8,
                               solver="euler", steps=2)
@@ -125,7 +111,7 @@ def test_user_module_and_loss_train_resume_and_sample(data_file, tmp_path):
 def test_frozen_weights_reach_the_loss_as_arguments(data_file):
     # A teacher's weights: the loss regresses the model onto the frozen teacher's output.
     config = tiny_config(data_file, **{"optim.warmup_steps": 0})
-    module = _Tiny()
+    module = UserNet()
     teacher = module.init(jax.random.key(7), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
                           {"label": jnp.zeros((1,), jnp.int32)})["params"]
     def distill(model_fn, params, x0, cond, key, frozen):

@@ -24,7 +24,7 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from orbax.checkpoint._src.path import gcs_utils
 from PIL import Image
-from test_train import tiny_config  # tests/ is on sys.path under pytest
+from train_fixtures import tiny_config  # tests/ is on sys.path under pytest
 
 from jaxgen import sample
 from jaxgen.files import GrowingFile, is_local, open_atomic

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import assert_same, leaves, tiny_config, tiny_images
+from train_fixtures import assert_same, leaves, tiny_config, tiny_images
 
 from jaxgen.data import ArraySource
 from jaxgen.errors import InputError
@@ -235,7 +235,7 @@ def test_a_failed_start_leaves_nothing_behind(data_file, tmp_path, monkeypatch):
 _KILLABLE = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
-from test_train import tiny_config
+from train_fixtures import tiny_config
 from jaxgen.train import train_and_evaluate
 train_and_evaluate(tiny_config({data!r}, **{{"train.num_steps": 12, "checkpoint.every_steps": 1,
                                               "train.log_every": 1}}), {workdir!r})

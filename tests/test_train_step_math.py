@@ -8,12 +8,11 @@ key, dropout key), as ``jaxgen/train/state.py`` does.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import leaves, tiny_config, tiny_images
+from train_fixtures import UserNet, batch_of, leaves, tiny_config, tiny_images
 
 from jaxgen import diffusion as D
 from jaxgen.parallel import make_mesh
@@ -28,30 +27,12 @@ EPS = 1e-2
 LR = 1e-3
 
 
-class _Net(nn.Module):
-    """A small dense-initialised model (no zero-initialised layer, no dropout)."""
-
-    num_classes: int = 4
-
-    @nn.compact
-    def __call__(self, x, t, cond=None, train: bool = False):
-        h = nn.Conv(8, (3, 3))(x) + nn.Dense(8)(t[:, None])[:, None, None, :]
-        if cond is not None:
-            h = h + nn.Embed(self.num_classes + 1, 8)(cond["label"])[:, None, None, :]
-        return nn.Conv(x.shape[-1], (3, 3))(nn.silu(h))
-
-
 def _parts(data_file, module=None, loss_fn=None, **overrides):
     config = tiny_config(data_file, **{"optim.warmup_steps": 0, "optim.lr": LR,
                                        "optim.eps": EPS, **overrides})
     parts = make_run_parts(config, make_mesh(), (8, 8, 1), config.train.num_steps,
                            module=module, loss_fn=loss_fn)
     return config, parts
-
-
-def _batch(n: int, start: int = 0) -> dict:
-    images, labels = tiny_images(start + n)
-    return {"image": jnp.asarray(images[start:]), "label": jnp.asarray(labels[start:], jnp.int32)}
 
 
 def _f64(tree):
@@ -83,7 +64,7 @@ def _adam(grads, mu, nu, count, cfg):
 
 def test_two_steps_equal_adamw_and_ema_by_hand(data_file):
     """Loss, gradient, clipped AdamW and the warmed-up EMA, two steps, against NumPy."""
-    config, parts = _parts(data_file, module=_Net())
+    config, parts = _parts(data_file, module=UserNet())
     cfg = config.optim
     assert config.diffusion.process == "flow" and config.diffusion.prediction == "velocity"
     assert cfg.grad_clip == 1.0 and config.train.ema_warmup
@@ -93,12 +74,12 @@ def test_two_steps_equal_adamw_and_ema_by_hand(data_file):
     p = _f64(state.params)
     ema = {d: list(p) for d in config.train.ema_decays}
     mu, nu = [np.zeros_like(x) for x in p], [np.zeros_like(x) for x in p]
-    batch = _batch(8)
+    batch = batch_of(n=8)
     x0 = jnp.asarray(tiny_images(8)[0], jnp.float32) / 127.5 - 1  # [-1, 1], by hand
     cond = {"label": batch["label"]}
 
     def hand_loss(params, key):
-        model = lambda prm, x, t, c: _Net().apply({"params": prm}, x, t, c)  # time_scale 1
+        model = lambda prm, x, t, c: UserNet().apply({"params": prm}, x, t, c)  # time_scale 1
         return D.loss(model, params, x0, cond, key, process=D.Flow(), prediction="velocity",
                       time_sampler="logit_normal")[0]
 
@@ -136,17 +117,17 @@ def _fixed_noise_loss(model_fn, params, x0, cond, key):
 
 
 def test_accumulated_micro_batches_equal_one_large_batch(data_file):
-    big_cfg, big = _parts(data_file, module=_Net(), loss_fn=_fixed_noise_loss)
-    _, acc = _parts(data_file, module=_Net(), loss_fn=_fixed_noise_loss,
+    big_cfg, big = _parts(data_file, module=UserNet(), loss_fn=_fixed_noise_loss)
+    _, acc = _parts(data_file, module=UserNet(), loss_fn=_fixed_noise_loss,
                     **{"optim.grad_accum": 2})
-    s_big, _ = make_train_step(big)(init_state(big, seed=0), _batch(16))
+    s_big, _ = make_train_step(big)(init_state(big, seed=0), batch_of(n=16))
     step = make_train_step(acc)
     s_acc = init_state(acc, seed=0)
     before = leaves(s_acc.params)
-    s_acc, _ = step(s_acc, _batch(8))
+    s_acc, _ = step(s_acc, batch_of(n=8))
     for a, b in zip(before, leaves(s_acc.params), strict=True):
         np.testing.assert_array_equal(a, b)  # first micro-batch: nothing applied yet
-    s_acc, _ = step(s_acc, _batch(8, start=8))
+    s_acc, _ = step(s_acc, batch_of(n=8, start=8))
     # MultiSteps averages the two micro-batch gradients: (g_a + g_b) / 2 is the
     # 16-example mean up to float32 summation order; with eps = 1e-2 the update is
     # not scale-invariant, so a sum instead of a mean would differ by ~lr.
@@ -163,11 +144,11 @@ def test_bfloat16_compute_matches_float32_within_its_rounding(data_file):
     _, f32 = _parts(data_file)
     _, bf16 = _parts(data_file, **{"train.compute_dtype": "bfloat16"})
     step32 = make_train_step(f32)
-    state, _ = step32(init_state(f32, seed=0), _batch(8))
+    state, _ = step32(init_state(f32, seed=0), batch_of(n=8))
     params = leaves(state.params)
     copy = jax.tree.map(jnp.array, state)
-    state32, m32 = step32(state, _batch(8))
-    state16, m16 = make_train_step(bf16)(copy, _batch(8))
+    state32, m32 = step32(state, batch_of(n=8))
+    state16, m16 = make_train_step(bf16)(copy, batch_of(n=8))
     assert jax.tree.leaves(state16.params)[0].dtype == jnp.float32  # storage stays float32
     # bf16 keeps 8 significant bits: each rounding is <= 2^-9 = 2e-3 relative; about 20
     # rounded layers whose errors add like a random walk give ~sqrt(20) 2^-9 ~ 1e-2 on

@@ -10,8 +10,16 @@ module docstring gives the command and the paper's settings. From Python,
   matching on CIFAR-10 with the 35.7M DDPM U-Net (CIFAR fields in ``_cifar10``).
 - ``imagenet_dit_b2``, ``imagenet_dit_xl2``: DiT on ImageNet 64x64 pixels.
 - ``fashion_mnist_edm2``: EDM2 (network, loss, schedule, post-hoc EMA) at toy size (CPU).
+- ``fashion_mnist_ct``, ``fashion_mnist_cd``: few-step consistency models at toy size
+  (CPU), trained from data (iCT) or distilled from a run (``--config.distill.teacher``).
 - ``imagenet512_edm2_{xs,s,m,l,xl,xxl}``: EDM2 on ImageNet-512 latents, the official
   presets (shared settings in ``_edm2``); ``imagenet64_edm2_s``: EDM2-S on ImageNet-64 pixels.
+- ``imagenet256_dit_xl2``, ``imagenet256_sit_xl2``: DiT-XL/2 and SiT-XL/2 on ImageNet-256
+  SD-VAE latents (``python -m jaxgen.encode`` first), the papers' recipes.
+- ``imagenet256_sit_xl2_repa``: SiT-XL/2 + REPA (DINOv2-B alignment; Yu et al. 2025);
+  ``fashion_mnist_repa``: REPA offline at toy size (Inception's mixed_6/conv, CPU).
+- ``fashion_mnist_latent``: latent diffusion end to end on the CPU, with a small
+  autoencoder trained by ``python -m jaxgen.train_autoencoder``.
 """
 
 RECIPES = (
@@ -22,6 +30,8 @@ RECIPES = (
     "imagenet_dit_b2",
     "imagenet_dit_xl2",
     "fashion_mnist_edm2",
+    "fashion_mnist_ct",
+    "fashion_mnist_cd",
     "imagenet512_edm2_xs",
     "imagenet512_edm2_s",
     "imagenet512_edm2_m",
@@ -29,4 +39,9 @@ RECIPES = (
     "imagenet512_edm2_xl",
     "imagenet512_edm2_xxl",
     "imagenet64_edm2_s",
+    "imagenet256_dit_xl2",
+    "imagenet256_sit_xl2",
+    "imagenet256_sit_xl2_repa",
+    "fashion_mnist_repa",
+    "fashion_mnist_latent",
 )

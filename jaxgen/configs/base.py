@@ -33,6 +33,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.pad_to = placeholder(int)  # zero-pad to (None: no padding)
     c.data.flip = False  # random horizontal flips
 
+    # Latent diffusion (jaxgen.train.latent): train on VAE latents of data.source, a latent
+    # dataset of `python -m jaxgen.encode`; data.resolution is the images' resolution.
+    c.latent = ml_collections.ConfigDict()
+    c.latent.vae = ""  # the VAE's weight file or diffusers folder ("": train on pixels)
+    c.latent.vae_model = "vae-sd"  # a jaxgen.models vae-* name
+    c.latent.vae_kwargs = ml_collections.ConfigDict()  # fields of the VAE preset overridden
+    c.latent.scale = 0.18215  # z = scale * (sample - shift), sample ~ the VAE posterior
+    c.latent.shift = 0.0
+
     c.model = ml_collections.ConfigDict()
     c.model.name = placeholder(str)  # a jaxgen.models.MODEL_NAMES entry
     c.model.kwargs = ml_collections.ConfigDict()  # the model's arguments (empty: its defaults)
@@ -45,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (Song et al. 2023, Eq. 5: f(x, sigma_min) = x exactly; sampled by the consistency sampler)
     c.diffusion.sigma_data = 0.5  # data scale: the EDM process, precond="edm" and weighting="edm"
     c.diffusion.time_scale = 1.0  # the network sees time_scale * t (precond="none")
+    c.diffusion.reverse_time = False  # the network sees 1 - t, a velocity negated (SiT's time)
     c.diffusion.time_sampler = placeholder(str)  # uniform | lognormal | logit_normal | discrete
     c.diffusion.time_sampler_kwargs = ml_collections.ConfigDict()
     c.diffusion.weighting = "uniform"  # uniform | min_snr | edm | p2
@@ -88,6 +98,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "float32"  # float32 | bfloat16
     c.train.fsdp = 1  # size of the mesh's fsdp axis (parameter sharding)
     c.train.log_every = 50
+    # REPA (Yu et al. 2025; jaxgen.train.repa): align a DiT/SiT's tokens after block `depth`,
+    # through an MLP projector of width `projector_dim`, with a frozen encoder's patch
+    # features; loss + lambda * (-cosine). encoder: "" (off) | dinov2-vit{s,b,l,g}14 |
+    # inception (mixed_6/conv, offline); weights: its file ("": the default lookup).
+    c.train.repa = ml_collections.ConfigDict(
+        {"encoder": "", "depth": 8, "lambda": 0.5, "projector_dim": 2048, "weights": ""})
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 10_000

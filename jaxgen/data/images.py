@@ -39,12 +39,18 @@ RESIZE_METHODS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
+ADM_CROP = "adm"
+"""The method name of :func:`adm_center_crop` (ADM/DiT's preprocessing), accepted wherever a
+key of :data:`RESIZE_METHODS` is."""
+
 
 def check_resize_method(method: str) -> None:
-    """Raise :class:`InputError` unless ``method`` is a key of :data:`RESIZE_METHODS`."""
-    if method not in RESIZE_METHODS:
+    """Raise :class:`InputError` unless ``method`` is a key of :data:`RESIZE_METHODS` or
+    :data:`ADM_CROP`."""
+    if method not in RESIZE_METHODS and method != ADM_CROP:
         raise InputError(
-            f"Unknown resize method {method!r}; use one of {', '.join(RESIZE_METHODS)}."
+            f"Unknown resize method {method!r}; use one of {', '.join(RESIZE_METHODS)} or "
+            f"{ADM_CROP}."
         )
 
 
@@ -69,12 +75,13 @@ def center_crop_resize(image: np.ndarray, resolution: int, method: str = "lanczo
     """Crop the centered square of side ``min(H, W)``, then resize it to ``resolution``.
 
     This is EDM's ``dataset_tool.py --transform=center-crop`` rule. A square
-    image of the right size is returned unchanged.
+    image of the right size is returned unchanged. ``method`` :data:`ADM_CROP`
+    is ADM/DiT's rule instead (:func:`adm_center_crop`: resize, then crop).
 
     Args:
       image: uint8 ``[H, W, C]`` with ``C`` in {1, 3}.
       resolution: side of the square output.
-      method: a key of :data:`RESIZE_METHODS`.
+      method: a key of :data:`RESIZE_METHODS`, or :data:`ADM_CROP`.
 
     Returns:
       uint8 ``[resolution, resolution, C]``.
@@ -82,12 +89,39 @@ def center_crop_resize(image: np.ndarray, resolution: int, method: str = "lanczo
     h, w, c = image.shape
     if h == w == resolution:
         return image
+    if method == ADM_CROP:
+        return adm_center_crop(image, resolution)
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
     square = image[top : top + s, left : left + s]
     pil = Image.fromarray(square[:, :, 0] if c == 1 else square)
     out = np.asarray(pil.resize((resolution, resolution), RESIZE_METHODS[method]))
     return out.reshape(resolution, resolution, c)
+
+
+def adm_center_crop(image: np.ndarray, resolution: int) -> np.ndarray:
+    """ADM's ``center_crop_arr`` (guided-diffusion ``image_datasets.py``, DiT's ``train.py``).
+
+    While the short side is at least ``2 * resolution`` the image is halved with a
+    BOX filter; then it is resized with BICUBIC so that its short side is
+    ``resolution`` (the long side rounded), and the centered square is cropped.
+
+    Args:
+      image: uint8 ``[H, W, C]`` with ``C`` in {1, 3}.
+      resolution: side of the square output.
+
+    Returns:
+      uint8 ``[resolution, resolution, C]``.
+    """
+    c = image.shape[2]
+    pil = Image.fromarray(image[:, :, 0] if c == 1 else image)
+    while min(pil.size) >= 2 * resolution:
+        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.Resampling.BOX)
+    scale = resolution / min(pil.size)
+    pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(pil).reshape(pil.size[1], pil.size[0], c)
+    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
+    return arr[top : top + resolution, left : left + resolution]
 
 
 def decode_image(

@@ -15,7 +15,8 @@ built with that state yields exactly the batches an uninterrupted run would
 have seen next (also after changing the number of hosts).
 
 Batches are uint8 NHWC, as stored; :func:`to_model_space` maps them to
-[-1, 1] on device.
+[-1, 1] on device. A latent dataset (:class:`jaxgen.data.sources.LatentSource`)
+gives float32 posterior moments instead, its stored mirror view where flipped.
 """
 
 from __future__ import annotations
@@ -91,9 +92,8 @@ class _BatchMaker:
         start = step * self.batch_size + self.process_index * rows
         positions = np.arange(start, start + rows, dtype=np.int64)
         indices, flips = global_positions(self.seed, len(self.source), positions)
-        images, labels = self.source.read_with_labels(indices)
-        images = self._transform(images, flips)
-        out = {"image": images}
+        images, labels = self.source.read_flipped(indices, flips & self.flip)
+        out = {"image": pad_images(images, self.pad_to)}
         if self.with_labels:
             out["label"] = labels.astype(np.int32)
         if self.mesh is not None:
@@ -103,13 +103,6 @@ class _BatchMaker:
                 for k, v in out.items()
             }
         return out
-
-    def _transform(self, images: np.ndarray, flips: np.ndarray) -> np.ndarray:
-        if self.flip and flips.any():
-            if not images.flags.owndata or not images.flags.writeable:
-                images = images.copy()  # never write into a source's own memory
-            images[flips] = images[flips][:, :, ::-1]
-        return pad_images(images, self.pad_to)
 
 
 class TrainIterator(Iterator):

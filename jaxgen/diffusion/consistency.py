@@ -59,7 +59,9 @@ def consistency_precond(raw_fn: Callable, process, *, sigma_data: float = 0.5) -
     Returns:
       ``model_fn(*leading, x_t, t, cond) -> x0`` estimate.
     """
-    if not float(process.sigma(jnp.asarray(process.t_min))) > 0:
+    with jax.ensure_compile_time_eval():  # a Python check, also when built inside a trace
+        positive = float(process.sigma(jnp.asarray(process.t_min))) > 0
+    if not positive:
         raise InputError(
             f"consistency_precond needs a boundary t_min with sigma(t_min) > 0; {process!r} "
             "has sigma(t_min) = 0 (use EDM(sigma_min=...) or a process with t_min > 0)."

@@ -20,7 +20,6 @@ the file's SHA-256, so a file is converted once.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import zipfile
@@ -36,7 +35,7 @@ from jaxgen.cache import cache_dir
 from jaxgen.encoders import clip as clip_lib
 from jaxgen.encoders import dinov2 as dinov2_lib
 from jaxgen.errors import InputError
-from jaxgen.files import open_atomic
+from jaxgen.files import open_atomic, sha256
 from jaxgen.weights.torch_pickle import read_torch_file
 
 # A rule: (tensor name, how, part). how: "linear" (torch [out, in] -> [in, out]),
@@ -358,13 +357,6 @@ def clip_from_tensors(
     return module, convert(tensors, shapes, rule, where, ignore)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _cached(kind: str, arch: str, module, size: int, path: Path,
             convert_file: Callable[[dict], tuple[str, dict]]) -> tuple[dict, str]:
@@ -372,7 +364,7 @@ def _cached(kind: str, arch: str, module, size: int, path: Path,
 
     ``convert_file(tensors)`` returns the architecture the tensors have and the params.
     """
-    digest = _sha256(path)[:16]
+    digest = sha256(path)[:16]
     cache = cache_dir() / "encoders" / f"{kind}-{arch}-{digest}.npz"
     if cache.is_file():
         try:

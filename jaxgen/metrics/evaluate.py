@@ -11,26 +11,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from jaxgen.data import ArraySource, FirstN, ImageSource, open_source
 from jaxgen.errors import InputError
 from jaxgen.files import as_path, is_local
 from jaxgen.metrics import defaults
-from jaxgen.metrics.eval_parts import gather_rows, iterate_eval, largest_part
+from jaxgen.metrics.feature_pass import feature_pass
 from jaxgen.metrics.features import FeatureExtractor, default_batch_size
 from jaxgen.metrics.fid import frechet_distance
 from jaxgen.metrics.fid_infinity import fid_infinity, is_infinity
 from jaxgen.metrics.inception_score import inception_score
 from jaxgen.metrics.kid import kid
 from jaxgen.metrics.prdc import prdc
-from jaxgen.metrics.stats import GaussianStats, MomentAccumulator, read_npz
+from jaxgen.metrics.stats import (
+    INCEPTION_POOL3,
+    INCEPTION_SPATIAL,
+    GaussianStats,
+    check_comparable,
+    read_npz,
+)
 
 METRICS = ("fid", "sfid", "is", "kid", "pr", "dc", "fid_inf", "is_inf")
 
@@ -112,7 +115,8 @@ class FeatureRequest:
         return self.pool3 or self.logits or stats_missing
 
 
-def _feature_request(metrics: Sequence[str], fake: bool) -> FeatureRequest:
+def feature_request(metrics: Sequence[str], fake: bool) -> FeatureRequest:
+    """What the Inception ``metrics`` need of the real (``fake=False``) or fake side."""
     m = set(metrics)
     return FeatureRequest(
         pool3_stats=bool(m & {"fid", "fid_inf"}),
@@ -122,7 +126,8 @@ def _feature_request(metrics: Sequence[str], fake: bool) -> FeatureRequest:
     )
 
 
-def _check_logits(module, needs: FeatureRequest) -> None:
+def check_logits(module, needs: FeatureRequest) -> None:
+    """Refuse IS on Inception weights without the logits layer."""
     if needs.logits and not module.with_logits:
         raise InputError(
             f"IS needs Inception weights with logits; {module.source} has none. Put "
@@ -144,48 +149,18 @@ def featurize(
             f"{side.name}: is a statistics file without images, but the requested metrics need "
             "per-image features; give the images instead."
         )
-    n = len(side.source)
-    _check_logits(extractor.module, needs)
-    pid, count = jax.process_index(), jax.process_count()
-    acc_pool, acc_spatial = MomentAccumulator(), MomentAccumulator()
-    keep: dict[str, list[np.ndarray]] = {"pool3": [], "logits": []}
-    bar = tqdm(
-        total=n,
-        desc=f"features {side.name}",
-        unit="img",
-        file=sys.stderr,
-        disable=not progress or pid != 0,
-        leave=False,
-    )
-    batches = iterate_eval(
-        side.source, extractor.local_batch, process_index=pid, process_count=count
-    )
-    steps = 0
-    for images in batches:
-        f = extractor(images, side.name)
-        steps += 1
-        acc_pool.update(f["pool3"])
-        acc_spatial.update(f["spatial"])
-        if needs.pool3:
-            keep["pool3"].append(f["pool3"])
-        if needs.logits:
-            keep["logits"].append(f["logits"])
-        bar.update(len(images) * count)
-    # Every process must run the jitted step equally often; parts differ by <= 1 image.
-    max_steps = -(-largest_part(n, count) // extractor.local_batch)
-    for _ in range(max_steps - steps):
-        extractor.idle_step(side.source.image_shape)
-    bar.close()
-    acc_pool.allreduce()
-    acc_spatial.allreduce()
-    out: dict[str, np.ndarray | GaussianStats] = {
-        "pool3_stats": acc_pool.finalize(),
-        "spatial_stats": acc_spatial.finalize(),
-    }
-    for key, parts in keep.items():
-        if parts:
-            out[key] = gather_rows(np.concatenate(parts), n)
-    return out
+    check_logits(extractor.module, needs)
+    return feature_pass(side.source, [extractor], INCEPTION_STATS, inception_rows(needs),
+                        name=side.name, progress=progress)
+
+
+INCEPTION_STATS = {"pool3": INCEPTION_POOL3, "spatial": INCEPTION_SPATIAL}
+"""The statistics every Inception pass accumulates (FID's and sFID's), with their protocols."""
+
+
+def inception_rows(needs: FeatureRequest) -> set[str]:
+    """The Inception outputs whose rows ``needs`` keeps."""
+    return {k for k in ("pool3", "logits") if getattr(needs, k)}
 
 
 def evaluate(
@@ -248,6 +223,7 @@ def evaluate(
         "real": open_eval_input(real, "real", num_real),
         "fake": open_eval_input(fake, "fake", num_fake),
     }
+    check_stats_protocols(sides, metrics)
     if {"is", "is_inf", "fid_inf"} & set(metrics) and sides["fake"].source is None:
         raise InputError(
             f"{sides['fake'].name}: IS, IS-inf and FID-inf need the fake images, not statistics."
@@ -262,10 +238,10 @@ def evaluate(
         from jaxgen.metrics.weights import load_inception
 
         inception = load_inception()
-    _check_logits(inception[0], _feature_request(metrics, fake=True))
+    check_logits(inception[0], feature_request(metrics, fake=True))
     todo = {
         k: s for k, s in sides.items()
-        if _feature_request(metrics, fake=k == "fake").any_images(s)
+        if feature_request(metrics, fake=k == "fake").any_images(s)
     }
     if todo:
         # No step larger than the data: padding 6 images to 100 would waste 94 images of work.
@@ -278,7 +254,7 @@ def evaluate(
     for key, side in sides.items():
         if key in todo:
             feats[key] = featurize(
-                side, _feature_request(metrics, fake=key == "fake"), extractor, progress=progress
+                side, feature_request(metrics, fake=key == "fake"), extractor, progress=progress
             )
         else:
             feats[key] = {}
@@ -313,6 +289,34 @@ def evaluate(
     return out
 
 
+def check_stats_protocols(sides: dict[str, EvalInput], metrics: Sequence[str]) -> None:
+    """Before any image is read: statistics given as files hold the features the metrics
+    compare (FID, FID-inf: Inception ``pool3``; sFID: ``mixed_6/conv``), and the two
+    sides' statistics come from one protocol.
+
+    Raises:
+      InputError: naming the file(s) and both protocols.
+    """
+    uses = (("stats", INCEPTION_POOL3, {"fid", "fid_inf"}), ("spatial", INCEPTION_SPATIAL,
+                                                              {"sfid"}))
+    for attr, want, users in uses:
+        asked = sorted(users & set(metrics))
+        if not asked:
+            continue
+        given = {k: getattr(s, attr) for k, s in sides.items() if getattr(s, attr) is not None}
+        if len(given) == 2:
+            check_comparable(given["real"], given["fake"], sides["real"].name,
+                             sides["fake"].name)
+        for key, stats in given.items():
+            if stats.network not in (None, want):
+                other = sides["fake" if key == "real" else "real"].name
+                raise InputError(
+                    f"{sides[key].name} holds {stats.network} statistics, but {'/'.join(asked)} "
+                    f"compares {want} features (of {other}); give statistics of that "
+                    "protocol (`python -m jaxgen.fid_stats`) or the images."
+                )
+
+
 def score_features(
     real: dict[str, np.ndarray | GaussianStats],
     fake: dict[str, np.ndarray | GaussianStats],
@@ -345,7 +349,7 @@ def score_features(
     if unknown:
         raise InputError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}.")
     for name, side in (("real", real), ("fake", fake)):
-        needs = _feature_request(metrics, fake=name == "fake")
+        needs = feature_request(metrics, fake=name == "fake")
         fields = ("pool3_stats", "spatial_stats", "pool3", "logits")
         missing = [k for k in fields if getattr(needs, k) and k not in side]
         if missing:

@@ -23,7 +23,7 @@ from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
 from jaxgen.errors import InputError
-from jaxgen.metrics.stats import GaussianStats
+from jaxgen.metrics.stats import GaussianStats, check_comparable
 
 
 def _clean(w: np.ndarray) -> np.ndarray:
@@ -76,19 +76,16 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     """Fréchet distance between the Gaussians ``a`` and ``b`` (float64).
 
     Raises:
-      InputError: when the two statistics have different dimensions, or either ``sigma``
-        is not a covariance (:meth:`GaussianStats.check`).
+      InputError: when the two statistics come from different feature protocols or have
+        different dimensions (:func:`check_comparable`), or either ``sigma`` is not a
+        covariance (:meth:`GaussianStats.check`).
     """
+    check_comparable(a, b)
     for name, stats in (("first", a), ("second", b)):
         try:
             stats.check()
         except InputError as e:
             raise InputError(f"frechet_distance: the {name} statistics' {e}") from None
-    if a.dim != b.dim:
-        raise InputError(
-            f"statistics have different dimensions ({a.dim} vs {b.dim}); compute both with "
-            "the same feature extractor and layer."
-        )
     diff = a.mu - b.mu
     tr_covmean = trace_sqrt_product(a.sigma, b.sigma)
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr_covmean)

@@ -32,6 +32,7 @@ import numpy as np
 INPUT_SIZE = 299
 POOL3_DIM = 2048
 NUM_LOGITS = 1008
+MIXED_6_CONV_CHANNELS = 192  # mixed_6/conv: the first (1x1 conv) branch of mixed_6
 SPATIAL_CHANNELS = 7  # sFID keeps the first 7 channels of mixed_6/conv (ADM evaluator)
 
 
@@ -178,6 +179,9 @@ class InceptionV3(nn.Module):
     with_logits: bool = True
     dtype: jnp.dtype = jnp.float32
     source: str = ""  # which weight file the parameters came from (for reports)
+    # Stop after mixed_6 and return only {"mixed_6_conv": [N, 17, 17, 192]}, the spatial
+    # features REPA aligns to when no DINOv2 is at hand (jaxgen.train.repa).
+    until_mixed_6: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -196,6 +200,8 @@ class InceptionV3(nn.Module):
         x = InceptionC(128, dtype=d, name="mixed_4")(x)
         x = InceptionC(160, dtype=d, name="mixed_5")(x)
         x = InceptionC(160, dtype=d, name="mixed_6")(x)
+        if self.until_mixed_6:
+            return {"mixed_6_conv": x[..., :MIXED_6_CONV_CHANNELS].astype(jnp.float32)}
         # mixed_6/conv is the first branch of mixed_6: its output is channels 0..191.
         spatial = x[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)
         x = InceptionC(192, dtype=d, name="mixed_7")(x)

@@ -28,6 +28,18 @@ CHUNK_ROWS = 8192  # rows converted to float64 at a time: memory O(CHUNK_ROWS * 
 # and to tr(S) for eigenvalues; see GaussianStats.check for the bound it covers.
 COVARIANCE_RTOL = 1e-6
 
+# Which network, layer and input protocol produced a set of statistics (the ``network`` and
+# ``network_s`` keys of a statistics npz). Statistics of different protocols live in different
+# spaces: their distance is not a FID of anything.
+INCEPTION_POOL3 = "inception-2015-12-05/pool3"
+"""TF-FID Inception, TF1 legacy bilinear resize to 299: FID's features (pytorch-fid, ADM)."""
+INCEPTION_SPATIAL = "inception-2015-12-05/mixed_6_conv[:7]"
+"""The first 7 channels of Inception's ``mixed_6/conv`` (17 x 17), flattened: sFID's features."""
+INCEPTION_CLEAN = "inception-2015-12-05/clean-resize/pool3"
+"""The same Inception after clean-fid's PIL-bicubic float resize: clean-FID's features."""
+DINOV2_CLS = "dinov2-vitl14/cls"
+"""DINOv2 ViT-L/14's normed CLS token after dgm-eval's resize: FD-DINOv2's features."""
+
 
 def gram(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """``x^T x`` in float64 (of ``x[rows]`` when given), ``CHUNK_ROWS`` rows at a time.
@@ -54,11 +66,15 @@ class GaussianStats:
       mu: ``[D]`` mean.
       sigma: ``[D, D]`` unbiased covariance (divided by ``n - 1``).
       n: number of samples, or ``None`` when read from a file that does not say.
+      network: the network, layer and input protocol of the features (:data:`INCEPTION_POOL3`,
+        :data:`DINOV2_CLS`, ...), or ``None`` when not known (statistics built by hand);
+        :func:`check_comparable` refuses to compare two different known protocols.
     """
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int | None = None
+    network: str | None = None
 
     def __post_init__(self):
         mu = np.asarray(self.mu, np.float64)
@@ -125,19 +141,26 @@ class GaussianStats:
         return self.mu.shape[0]
 
     @classmethod
-    def from_features(cls, features: np.ndarray) -> GaussianStats:
-        """Statistics of a ``[N, D]`` feature array (N >= 2), ``CHUNK_ROWS`` rows at a time."""
+    def from_features(cls, features: np.ndarray, network: str | None = None) -> GaussianStats:
+        """Statistics of a ``[N, D]`` feature array (N >= 2), ``CHUNK_ROWS`` rows at a time;
+        ``network`` names the features' protocol (:attr:`network`)."""
         features = np.asarray(features)
         acc = MomentAccumulator()
         if features.ndim != 2:
             acc.update(features)  # raises the shape error
         for start in range(0, features.shape[0], CHUNK_ROWS):
             acc.update(features[start : start + CHUNK_ROWS])
-        return acc.finalize()
+        return acc.finalize(network)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, spatial: bool = False) -> GaussianStats:
         """Read pytorch-fid's npz (``mu``, ``sigma``) or the ADM evaluator's npz.
+
+        The features' protocol is the file's ``network`` key (``network_s`` for the sFID
+        statistics), as :func:`save_stats` writes it. Files without it -- pytorch-fid's
+        statistics, the ADM evaluator's reference batches, and jaxgen's own from before the
+        key existed -- are read as TF-FID Inception ``pool3`` (:data:`INCEPTION_POOL3`;
+        sFID: :data:`INCEPTION_SPATIAL`), the only features those tools write.
 
         Args:
           path: the ``.npz`` file (local or ``gs://...``).
@@ -156,8 +179,11 @@ class GaussianStats:
                 "write it with `python -m jaxgen.fid_stats`."
             )
         n = int(data["n"]) if "n" in data else None
+        net_key, default = ("network_s", INCEPTION_SPATIAL) if spatial else (
+            "network", INCEPTION_POOL3)
+        network = str(data[net_key]) if net_key in data else default
         try:
-            stats = cls(data[keys[0]], data[keys[1]], n)
+            stats = cls(data[keys[0]], data[keys[1]], n, network)
             stats.check()
             return stats
         except InputError as e:
@@ -184,15 +210,21 @@ def save_stats(
 ) -> None:
     """Write statistics as an npz that pytorch-fid and the ADM evaluator both read.
 
-    Keys: ``mu``, ``sigma`` (pool3), ``mu_s``, ``sigma_s`` (sFID, when given)
-    and ``n``. ``path`` may be local or ``gs://...``; it is written whole or
-    not at all (:func:`jaxgen.files.open_atomic`).
+    Keys: ``mu``, ``sigma`` (pool3), ``mu_s``, ``sigma_s`` (sFID, when given),
+    ``n``, and the features' protocols ``network`` / ``network_s`` (strings, when
+    known; :meth:`GaussianStats.load` reads them, other tools ignore them).
+    ``path`` may be local or ``gs://...``; it is written whole or not at all
+    (:func:`jaxgen.files.open_atomic`).
     """
     arrays = {"mu": stats.mu, "sigma": stats.sigma}
     if spatial is not None:
         arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
     if stats.n is not None:
         arrays["n"] = np.asarray(stats.n, np.int64)
+    if stats.network is not None:
+        arrays["network"] = np.asarray(stats.network)
+    if spatial is not None and spatial.network is not None:
+        arrays["network_s"] = np.asarray(spatial.network)
     with open_atomic(path) as f:
         np.savez(f, **arrays)
 
@@ -271,10 +303,34 @@ class MomentAccumulator:
             merged._combine(int(vals[0]), vals[1 : d + 1], vals[d + 1 :].reshape(d, d))
         self.n, self.mean, self.m2 = merged.n, merged.mean, merged.m2
 
-    def finalize(self) -> GaussianStats:
-        """The mean and unbiased covariance; needs at least 2 samples."""
+    def finalize(self, network: str | None = None) -> GaussianStats:
+        """The mean and unbiased covariance (features of protocol ``network``); needs at
+        least 2 samples."""
         if self.n < 2:
             raise InputError(
                 f"statistics need at least 2 samples, got {self.n}; provide more images."
             )
-        return GaussianStats(self.mean.copy(), self.m2 / (self.n - 1), self.n)
+        return GaussianStats(self.mean.copy(), self.m2 / (self.n - 1), self.n, network)
+
+
+def check_comparable(a: GaussianStats, b: GaussianStats, where_a: str = "the first statistics",
+                     where_b: str = "the second statistics") -> None:
+    """Refuse to compare statistics of two different feature protocols or dimensions.
+
+    Statistics whose :attr:`GaussianStats.network` is ``None`` (not known) pass
+    against anything of the same dimension.
+
+    Raises:
+      InputError: naming both places (files) and both protocols.
+    """
+    if a.network is not None and b.network is not None and a.network != b.network:
+        raise InputError(
+            f"{where_a} holds {a.network} statistics but {where_b} holds {b.network}; a "
+            "distance between different networks or protocols means nothing: compute both "
+            "with the same one."
+        )
+    if a.dim != b.dim:
+        raise InputError(
+            f"{where_a} and {where_b} have different dimensions ({a.dim} vs {b.dim}); compute "
+            "both with the same feature extractor and layer."
+        )

@@ -11,12 +11,15 @@ the ``2 * latent_channels`` moments of a diagonal Gaussian posterior
 block per level and nearest-neighbour 2x upsampling followed by a convolution.
 Optional 1x1 ``quant_conv`` / ``post_quant_conv`` sit around the latent.
 
-Presets (:data:`VAE_PRESETS`), both with 83,653,863 parameters:
+Presets (:data:`VAE_PRESETS`); the first two have 83,653,863 parameters:
 
 - ``"sd"``: Stable Diffusion's f8 VAE with 4 latent channels (sd-vae-ft-ema /
   sd-vae-ft-mse, the VAE of DiT, SiT and REPA); latent scale 0.18215.
 - ``"sdxl"``: SDXL's VAE (diffusers' ``stabilityai/sdxl-vae`` config): the same
   architecture with its own weights; latent scale 0.13025.
+- ``"small"``: a toy for gray images trained here (``python -m
+  jaxgen.train_autoencoder``, Fashion-MNIST: 28x28x1 -> 7x7x4), factor 4; its
+  latent scale is measured on the data (``jaxgen/configs/fashion_mnist_latent.py``).
 
 Images are NHWC in [-1, 1]; latents are NHWC at 1/8 of the resolution.
 
@@ -265,6 +268,8 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
                scaling_factor=0.18215),
     "sdxl": dict(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  scaling_factor=0.13025),
+    "small": dict(channels=(16, 32, 64), layers_per_block=1, latent_channels=4, in_channels=1,
+                  num_groups=8, scaling_factor=1.0),
 }
 """Named autoencoder configurations; see the module docstring."""
 

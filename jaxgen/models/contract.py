@@ -57,6 +57,23 @@ def split_cond(cond: Cond, num_classes: int, batch: int) -> Array | None:
     return label.astype(jnp.int32)
 
 
+PERTURB_KEY = "perturb_attention"
+"""``cond[PERTURB_KEY]``: ``[B]`` bool; where true, a model that supports it (DiT, U-Net)
+replaces the self-attention maps of its ``pag_layers`` by the identity (PAG)."""
+
+
+def split_perturb(cond: Cond, batch: int) -> tuple[Cond, Array | None]:
+    """``cond`` without its :data:`PERTURB_KEY` entry, and that entry checked (or ``None``)."""
+    cond = dict(cond or {})
+    flag = cond.pop(PERTURB_KEY, None)
+    if flag is not None and (jnp.shape(flag) != (batch,) or jnp.asarray(flag).dtype != bool):
+        raise InputError(
+            f"cond[{PERTURB_KEY!r}] must be a bool array of shape ({batch},), "
+            f"got {jnp.asarray(flag).dtype}{jnp.shape(flag)}."
+        )
+    return cond or None, flag
+
+
 def check_inputs(x: Array, t: Array) -> Array:
     """Check ``x`` is NHWC float and return ``t`` as a float ``[B]`` array (scalars broadcast)."""
     if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
@@ -99,14 +116,20 @@ def as_model_fn(
         ``return_logvar=True`` (then ``model_fn`` returns ``(denoised, logvar)``).
 
     Returns:
-      ``model_fn(params, x_t [B,H,W,C] float, t [B] float, cond dict or None)``.
+      ``model_fn(params, x_t [B,H,W,C] float, t [B] float, cond dict or None, **per_call)``;
+      ``per_call`` are more keywords of the module's call for this call alone (the
+      feature cache of DiT and U-Net: ``fill_cache=True``, ``cache=features``).
     """
     learn_sigma = getattr(module, "learn_sigma", False)
     constants = dict(constants or {})
 
-    def model_fn(params: Any, x_t: Array, t: Array, cond: Cond = None) -> Array:
+    def model_fn(params: Any, x_t: Array, t: Array, cond: Cond = None, **per_call: Any) -> Array:
         out = module.apply({"params": params, **constants}, x_t, t, cond, train=train,
-                           rngs=rngs, **call_kwargs)
-        return out[..., : x_t.shape[-1]] if learn_sigma else out
+                           rngs=rngs, **call_kwargs, **per_call)
+        if not learn_sigma:
+            return out
+        if isinstance(out, tuple):  # (prediction, extra outputs), e.g. REPA's tokens
+            return (out[0][..., : x_t.shape[-1]], *out[1:])
+        return out[..., : x_t.shape[-1]]
 
     return model_fn

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.errors import InputError
-from jaxgen.models.contract import Cond, check_inputs, split_cond
+from jaxgen.models.contract import Cond, check_inputs, split_cond, split_perturb
 from jaxgen.models.layers import (
     Array,
     Attention,
@@ -77,14 +77,17 @@ class DiTBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, c: Array) -> Array:
-        """``x`` ``[B, T, D]`` tokens, ``c`` ``[B, D]`` conditioning → ``[B, T, D]``."""
+    def __call__(self, x: Array, c: Array, perturb: Array | None = None) -> Array:
+        """``x`` ``[B, T, D]`` tokens, ``c`` ``[B, D]`` conditioning → ``[B, T, D]``.
+
+        ``perturb`` (``[B]`` bool): identity attention map for those samples (PAG).
+        """
         d = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mod = dense(6 * d, ("embed", "mlp"), kernel_init=zeros, name="adaLN", **kw)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
         h = _modulate(_layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
-        x = x + gate_msa[:, None] * Attention(self.num_heads, name="attn", **kw)(h)
+        x = x + gate_msa[:, None] * Attention(self.num_heads, name="attn", **kw)(h, perturb)
         h = _modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
         h = dense(int(d * self.mlp_ratio), ("embed", "mlp"), name="fc1", **kw)(h)
         h = dense(d, ("mlp", "embed"), name="fc2", **kw)(nn.gelu(h, approximate=True))
@@ -116,6 +119,9 @@ class DiT(nn.Module):
         (``nn.remat``) instead of storing them: activation memory of one block
         instead of ``depth``, for about one more forward pass of compute. The
         parameter tree and the outputs are those of the plain model.
+      pag_layers: blocks (0-based) whose attention map becomes the identity for the
+        samples where ``cond["perturb_attention"]`` is true (perturbed-attention
+        guidance, Ahn et al. 2024); ``None``: the middle block, ``depth // 2``.
       scan_blocks: run the blocks as one ``nn.scan`` over a stacked block, so
         XLA compiles one block instead of ``depth``. The parameters then live
         under ``"blocks"`` with a leading ``depth`` axis (logical axis name
@@ -137,9 +143,12 @@ class DiT(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_blocks: bool = False
+    pag_layers: tuple[int, ...] | None = None
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, cond: Cond = None, *, train: bool = False) -> Array:
+    def __call__(self, x: Array, t: Array, cond: Cond = None, *, train: bool = False,
+                 return_hidden: int | None = None, fill_cache: bool = False,
+                 cache: Array | None = None) -> Array | tuple[Array, Array]:
         """Predict from noisy ``x`` ``[B, H, W, C]`` at times ``t`` ``[B]``.
 
         Args:
@@ -148,11 +157,24 @@ class DiT(nn.Module):
           cond: ``None`` or ``{"label": [B] int}``; missing labels mean the
             null class.
           train: training mode (label dropout; needs the ``dropout`` RNG).
+          return_hidden: also return the tokens ``[B, T, hidden]`` after block
+            ``return_hidden`` (1-based; REPA aligns them, Yu et al. 2025). The
+            prediction is the same either way.
+          fill_cache: also return the features FORA reuses (Selvaraju et al. 2024):
+            the sum of every block's attention and MLP outputs, ``[B, T, hidden]``.
+            A reused output does not depend on the block's input, so reusing all
+            of them adds their sum to the tokens: one array instead of ``2 depth``.
+          cache: those features from an earlier call: the blocks are skipped and
+            the features added (the cheap call of FORA; the prediction changes).
 
         Returns:
-          ``[B, H, W, C']`` float32, ``C' = (out_channels or C) * (2 if learn_sigma else 1)``.
+          ``[B, H, W, C']`` float32, ``C' = (out_channels or C) * (2 if learn_sigma else 1)``;
+          with ``return_hidden``, the pair ``(prediction, tokens)``; with
+          ``fill_cache``, ``(prediction, features)``.
         """
         t = check_inputs(x, t)
+        if return_hidden is not None and (fill_cache or cache is not None):
+            raise InputError("DiT return_hidden does not combine with fill_cache or cache.")
         b, height, width, channels = x.shape
         p = self.patch
         if height % p or width % p:
@@ -173,12 +195,18 @@ class DiT(nn.Module):
 
         c = TimestepEmbedder(self.hidden, kernel_init=nn.initializers.normal(0.02),
                              name="t_embedder", **kw)(t)
+        cond, perturb = split_perturb(cond, b)
         label = split_cond(cond, self.num_classes, b)
         if label is not None:
             c = c + LabelEmbedder(self.num_classes, self.hidden, self.class_dropout,
                                   name="y_embedder", **kw)(label, train)
 
-        h = self._blocks(h, c)
+        if cache is None:
+            h_in = h
+            h, hidden = self._blocks(h, c, return_hidden, self._pag_flags(perturb))
+            features = h - h_in if fill_cache else None
+        else:
+            h, hidden = h + cache.astype(h.dtype), None
 
         shift, scale = jnp.split(
             dense(2 * self.hidden, ("embed", "mlp"), kernel_init=zeros, name="final_adaLN", **kw)(
@@ -191,27 +219,57 @@ class DiT(nn.Module):
         h = dense(p * p * out_ch, ("embed", "channels"), kernel_init=zeros, name="final", **kw)(h)
         # Unpatchify: token (i, j) holds the p x p x C' patch at rows i*p.., columns j*p...
         h = h.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
-        return h.reshape(b, height, width, out_ch).astype(jnp.float32)
+        out = h.reshape(b, height, width, out_ch).astype(jnp.float32)
+        if fill_cache:
+            return out, features
+        return out if return_hidden is None else (out, hidden)
 
-    def _blocks(self, h: Array, c: Array) -> Array:
+    def _pag_flags(self, perturb: Array | None) -> Array | None:
+        """``[depth, B]``: which samples take the identity attention map in each block (PAG)."""
+        if perturb is None:
+            return None
+        layers = (self.depth // 2,) if self.pag_layers is None else self.pag_layers
+        if not all(0 <= i < self.depth for i in layers):
+            raise InputError(f"pag_layers={layers}: blocks are numbered 0..{self.depth - 1}.")
+        on = jnp.asarray([i in layers for i in range(self.depth)])
+        return on[:, None] & perturb[None, :]
+
+    def _blocks(
+        self, h: Array, c: Array, keep: int | None, flags: Array | None = None
+    ) -> tuple[Array, Array | None]:
+        """The blocks' output and, for a 1-based ``keep``, the tokens after block ``keep``.
+
+        ``flags``: ``[depth, B]`` PAG switches (:meth:`_pag_flags`) or ``None``.
+        """
+        if keep is not None and not 1 <= keep <= self.depth:
+            raise InputError(f"return_hidden={keep}: give a block in 1..{self.depth}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # Inside a scan the loop already keeps XLA from merging the recomputation
         # with the forward pass, so remat's own CSE barrier is not needed there.
         block = nn.remat(DiTBlock, prevent_cse=not self.scan_blocks) if self.remat else DiTBlock
         if not self.scan_blocks:
+            hidden = None
             for i in range(self.depth):
-                h = block(self.num_heads, self.mlp_ratio, name=f"block{i}", **kw)(h, c)
-            return h
+                flag = None if flags is None else flags[i]
+                h = block(self.num_heads, self.mlp_ratio, name=f"block{i}", **kw)(h, c, flag)
+                hidden = h if i + 1 == keep else hidden
+            return h, hidden
+
+        def body(module, carry, c, flag=None):  # with keep, every block's output: [depth, ...]
+            y = module(carry, c, flag)
+            return y, (y if keep is not None else None)
+
         scan = nn.scan(
-            lambda module, carry, c: (module(carry, c), None),
+            body,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=nn.broadcast,
+            in_axes=nn.broadcast if flags is None else (nn.broadcast, 0),
             length=self.depth,
             metadata_params={nn.PARTITION_NAME: SCAN_AXIS},
         )
-        h, _ = scan(block(self.num_heads, self.mlp_ratio, name="blocks", **kw), h, c)
-        return h
+        xs = (c,) if flags is None else (c, flags)
+        h, ys = scan(block(self.num_heads, self.mlp_ratio, name="blocks", **kw), h, *xs)
+        return h, (None if keep is None else ys[keep - 1])
 
 
 def stack_blocks(params: Mapping[str, Any], depth: int) -> dict[str, Any]:
@@ -280,4 +338,4 @@ def dit(name: str, **overrides: Any) -> DiT:
     if size not in DIT_SIZES or not patch.isdigit() or int(patch) not in DIT_PATCHES:
         names = [f"DiT-{s}/{p}" for s in DIT_SIZES for p in DIT_PATCHES]
         raise InputError(f"unknown DiT {name!r}; expected one of {names}.")
-    return DiT(patch=int(patch), **{**DIT_SIZES[size], **overrides})
+    return DiT(**{"patch": int(patch), **DIT_SIZES[size], **overrides})  # patch overridable

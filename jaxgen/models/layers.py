@@ -219,7 +219,9 @@ class Attention(nn.Module):
     output projection; ``zero_out`` zero-initialises the output projection
     (DDPM/ADM), so a fresh block is the identity around its residual.
     XLA picks the fused attention kernel where the platform has one (cuDNN
-    flash attention on GPU for bf16/fp16).
+    flash attention on GPU for bf16/fp16). ``perturb`` (``[B]`` bool) replaces
+    the attention map of those samples by the identity, so the output is the
+    projected values: the perturbed pass of PAG (Ahn et al. 2024, Sec. 3.3).
     """
 
     num_heads: int
@@ -228,14 +230,17 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """``[B, T, C]`` → ``[B, T, C]``."""
+    def __call__(self, x: Array, perturb: Array | None = None) -> Array:
+        """``[B, T, C]`` → ``[B, T, C]``; ``perturb``: ``[B]`` bool or ``None``."""
         b, n, c = x.shape
         if c % self.num_heads:
             raise InputError(f"attention width {c} is not divisible by num_heads={self.num_heads}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = dense(3 * c, ("embed", "mlp"), name="qkv", **kw)(x)
         q, k, v = jnp.split(qkv.reshape(b, n, 3 * self.num_heads, c // self.num_heads), 3, axis=2)
-        h = jax.nn.dot_product_attention(q, k, v).reshape(b, n, c)
+        h = jax.nn.dot_product_attention(q, k, v)
+        if perturb is not None:
+            h = jnp.where(perturb[:, None, None, None], v, h)
+        h = h.reshape(b, n, c)
         out_init = zeros if self.zero_out else xavier_uniform
         return dense(c, ("mlp", "embed"), kernel_init=out_init, name="proj", **kw)(h)

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxgen.errors import InputError
-from jaxgen.models.contract import Cond, check_inputs, split_cond
+from jaxgen.models.contract import Cond, check_inputs, split_cond, split_perturb
 from jaxgen.models.layers import (
     Array,
     Attention,
@@ -108,12 +108,12 @@ class AttnBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """``[B, H, W, C]`` → ``[B, H, W, C]``."""
+    def __call__(self, x: Array, perturb: Array | None = None) -> Array:
+        """``[B, H, W, C]`` → ``[B, H, W, C]``; ``perturb``: ``[B]`` bool, identity maps (PAG)."""
         b, height, width, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = group_norm(self.num_groups, name="norm", **kw)(x).reshape(b, height * width, c)
-        h = Attention(self.num_heads, zero_out=True, name="attn", **kw)(h)
+        h = Attention(self.num_heads, zero_out=True, name="attn", **kw)(h, perturb)
         return x + h.reshape(x.shape)
 
 
@@ -146,6 +146,9 @@ class UNet(nn.Module):
       class_dropout: probability of the null class per label in training.
       learn_sigma: output ``2C`` channels (prediction, variance interpolation).
       out_channels: output channels before ``learn_sigma`` doubling; default: the input's.
+      pag_layers: names of the attention blocks (``"mid_attn"``, ``"up1_attn0"``, ...)
+        whose map becomes the identity where ``cond["perturb_attention"]`` is true
+        (perturbed-attention guidance, Ahn et al. 2024, who perturb the middle block).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -165,6 +168,7 @@ class UNet(nn.Module):
     class_dropout: float = 0.0
     learn_sigma: bool = False
     out_channels: int | None = None
+    pag_layers: tuple[str, ...] = ("mid_attn",)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -172,7 +176,8 @@ class UNet(nn.Module):
         return channels // self.head_channels if self.head_channels else self.num_heads
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, cond: Cond = None, *, train: bool = False) -> Array:
+    def __call__(self, x: Array, t: Array, cond: Cond = None, *, train: bool = False,
+                 fill_cache: bool = False, cache: Array | None = None) -> Array | tuple:
         """Predict from noisy ``x`` ``[B, H, W, C]`` at times ``t`` ``[B]``.
 
         Args:
@@ -180,9 +185,16 @@ class UNet(nn.Module):
           t: ``[B]`` (or scalar) time / noise level, embedded as given.
           cond: ``None`` or ``{"label": [B] int}``; missing labels mean the null class.
           train: training mode (dropout, label dropout; needs the ``dropout`` RNG).
+          fill_cache: also return DeepCache's features (Ma et al. 2024, Sec. 3.2): the
+            input of the last up block, everything computed below the shallowest
+            skip branch (the one from ``conv_in``), ``[B, H, W, ch * ch_mult[0]]``.
+          cache: those features from an earlier call: only ``conv_in``, the last up
+            block and the output layer run (DeepCache's cheap call; the prediction
+            changes).
 
         Returns:
-          ``[B, H, W, C']`` float32, ``C' = (out_channels or C) * (2 if learn_sigma else 1)``.
+          ``[B, H, W, C']`` float32, ``C' = (out_channels or C) * (2 if learn_sigma else 1)``;
+          with ``fill_cache``, ``(prediction, features)``.
         """
         t = check_inputs(x, t)
         b, height, width, channels = x.shape
@@ -198,7 +210,13 @@ class UNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         res = dict(dropout=self.dropout, scale_shift=self.scale_shift,
                    num_groups=self.num_groups, **kw)
-        attn = lambda n, name: AttnBlock(self._heads(n), self.num_groups, name=name, **kw)
+        cond, perturb = split_perturb(cond, b)
+        names = []  # the attention blocks built, to check pag_layers against
+
+        def attn(n, name):
+            names.append(name)
+            block = AttnBlock(self._heads(n), self.num_groups, name=name, **kw)
+            return lambda h: block(h, perturb if name in self.pag_layers else None)
 
         emb = TimestepEmbedder(4 * self.ch, freq_dim=self.ch, name="t_embedder", **kw)(t)
         label = split_cond(cond, self.num_classes, b)
@@ -206,7 +224,34 @@ class UNet(nn.Module):
             emb = emb + LabelEmbedder(self.num_classes, 4 * self.ch, self.class_dropout,
                                       name="y_embedder", **kw)(label, train)
 
+        def up(h, skip, level, i):
+            h = jnp.concatenate([h, skip], axis=-1)
+            h = ResBlock(self.ch * self.ch_mult[level], name=f"up{level}_res{i}", **res)(
+                h, emb, train
+            )
+            if level in self.attention_levels:
+                h = attn(h.shape[-1], f"up{level}_attn{i}")(h)
+            return h
+
         h = conv(self.ch, ("channels", "embed"), name="conv_in", **kw)(x.astype(self.dtype))
+        if cache is not None:
+            features = cache
+            h = up(cache.astype(h.dtype), h, 0, self.num_res_blocks)
+        else:
+            h, features = self._deep(h, emb, train, res, attn, up)
+            if perturb is not None and not set(self.pag_layers) <= set(names):
+                raise InputError(
+                    f"pag_layers {sorted(set(self.pag_layers) - set(names))} are not attention "
+                    f"blocks of this U-Net; it has {names}."
+                )
+        h = nn.silu(group_norm(self.num_groups, name="norm_out", **kw)(h))
+        out_ch = (self.out_channels or channels) * (2 if self.learn_sigma else 1)
+        h = conv(out_ch, ("conv_in", "channels"), kernel_init=zeros, name="conv_out", **kw)(h)
+        out = h.astype(jnp.float32)
+        return (out, features) if fill_cache else out
+
+    def _deep(self, h: Array, emb: Array, train: bool, res: dict, attn, up) -> tuple:
+        """Every block after ``conv_in``: the output and DeepCache's features on the way."""
         skips = [h]
         last = len(self.ch_mult) - 1
         for level, mult in enumerate(self.ch_mult):
@@ -223,19 +268,14 @@ class UNet(nn.Module):
         h = attn(h.shape[-1], "mid_attn")(h)
         h = ResBlock(h.shape[-1], name="mid_res1", **res)(h, emb, train)
 
-        for level, mult in reversed(list(enumerate(self.ch_mult))):
+        features = None
+        for level in reversed(range(len(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = ResBlock(self.ch * mult, name=f"up{level}_res{i}", **res)(h, emb, train)
-                if level in self.attention_levels:
-                    h = attn(h.shape[-1], f"up{level}_attn{i}")(h)
+                features = h if (level, i) == (0, self.num_res_blocks) else features
+                h = up(h, skips.pop(), level, i)
             if level != 0:
                 h = self._upsample(h, emb, train, res, f"up{level}_resample")
-
-        h = nn.silu(group_norm(self.num_groups, name="norm_out", **kw)(h))
-        out_ch = (self.out_channels or channels) * (2 if self.learn_sigma else 1)
-        h = conv(out_ch, ("conv_in", "channels"), kernel_init=zeros, name="conv_out", **kw)(h)
-        return h.astype(jnp.float32)
+        return h, features
 
     def _downsample(self, h: Array, emb: Array, train: bool, res: dict, name: str) -> Array:
         if self.resblock_updown:

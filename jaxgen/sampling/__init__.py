@@ -1,6 +1,6 @@
 """Sampling: solvers as small pure functions, time grids, guidance, one jitted driver."""
 
-from jaxgen.sampling.consistency import consistency_sample
+from jaxgen.sampling.consistency import consistency_sample, consistency_times
 from jaxgen.sampling.driver import SOLVERS, SolverSpec, generate, sample, to_uint8
 from jaxgen.sampling.grids import (
     GRIDS,
@@ -12,7 +12,7 @@ from jaxgen.sampling.grids import (
     trailing,
     uniform,
 )
-from jaxgen.sampling.guidance import Guidance, make_denoiser
+from jaxgen.sampling.guidance import Denoiser, Guidance, make_denoiser
 from jaxgen.sampling.solvers import (
     TABLEAUS,
     ddim,
@@ -30,9 +30,11 @@ __all__ = [
     "GRIDS",
     "SOLVERS",
     "TABLEAUS",
+    "Denoiser",
     "Guidance",
     "SolverSpec",
     "consistency_sample",
+    "consistency_times",
     "ddim",
     "dpmpp_2m",
     "dpmpp_3m",

@@ -17,19 +17,38 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxgen.errors import InputError
+from jaxgen.parallel import batch_sharding, pad_batch
+from jaxgen.sampling.grids import karras
 from jaxgen.sampling.solvers import step_noise
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 5))
-def _run(model_fn, params, process, key, ids, shape, ts, x_T, cond):
+def consistency_times(process, steps: int) -> np.ndarray:
+    """The ``steps`` times of multistep sampling: the first ``steps`` points of the Karras
+    grid of ``steps + 1`` noisy levels (Karras et al. 2022, Eq. 5), i.e. all but ``t_min``,
+    where a step would change nothing.
+
+    On ``EDM()``: 1 step ``(80,)``, 2 ``(80, 2.51)``, 4 ``(80, 17.5, 2.51, 0.169)``.
+    """
+    if not isinstance(steps, int | np.integer) or steps < 1:
+        raise InputError(f"steps={steps!r}: a consistency model samples in steps >= 1.")
+    return karras(process, int(steps) + 1)[: int(steps)]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 5, 9))
+def _run(model_fn, params, process, key, ids, shape, ts, x_T, cond, mesh):
     per_sample = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
     init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(per_sample)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_sample)
     if x_T is None:
         draw = lambda k: jax.random.normal(k, shape[1:], ts.dtype)
         x_T = process.sigma(ts[0]) * jax.vmap(draw)(init_keys)
+    if mesh is not None:
+        shard = lambda a: jax.lax.with_sharding_constraint(a, batch_sharding(mesh))
+        x_T, step_keys = shard(x_T), shard(step_keys)
+        cond = jax.tree.map(shard, cond)
     t_min = jnp.asarray(process.t_min, ts.dtype)
     s_min = process.sigma(t_min) / process.alpha(t_min)
     x = model_fn(params, x_T, jnp.full((shape[0],), ts[0]), cond)
@@ -51,6 +70,7 @@ def consistency_sample(
     ts: Sequence[float] | None = None,
     cond: Any = None,
     x_T: jax.Array | None = None,
+    mesh: Mesh | None = None,
     first_index: int = 0,
 ) -> tuple[jax.Array, dict]:
     """Draw samples with a consistency function in ``len(ts)`` evaluations.
@@ -71,6 +91,7 @@ def consistency_sample(
         first is where sampling starts (default ``(process.t_max,)``: one step).
       cond: conditioning pytree with leading axis ``B``, or ``None``.
       x_T: starting point at ``ts[0]`` (already scaled); overrides the noise from ``key``.
+      mesh: shard the batch over this mesh (it is padded to a multiple of its size).
       first_index: index of the first sample of this batch within the run.
 
     Returns:
@@ -88,8 +109,14 @@ def consistency_sample(
         raise InputError(f"shape={shape}: need (batch, ...) with every size >= 1.")
     if x_T is not None and tuple(x_T.shape) != shape:
         raise InputError(f"x_T has shape {tuple(x_T.shape)}; shape={shape}.")
-    ids = first_index + jnp.arange(shape[0])
+    batch = shape[0]
+    devices = mesh.size if mesh is not None else 1
+    rows = -(-batch // devices) * devices
+    if rows != batch:
+        x_T = None if x_T is None else pad_batch(jnp.asarray(x_T), devices)[0]
+        cond = None if cond is None else pad_batch(jax.tree.map(jnp.asarray, cond), devices)[0]
+    ids = first_index + jnp.arange(rows)
     ts_in = jnp.asarray(ts, jnp.result_type(float))
-    x = _run(model_fn, params, process, key, ids, shape, ts_in, x_T, cond)
-    return x, {"nfe": int(ts.size), "timesteps": ts.copy()}
+    x = _run(model_fn, params, process, key, ids, (rows, *shape[1:]), ts_in, x_T, cond, mesh)
+    return x[:batch], {"nfe": int(ts.size), "timesteps": ts.copy()}
 

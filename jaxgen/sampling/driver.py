@@ -19,7 +19,7 @@ from jaxgen.errors import InputError
 from jaxgen.parallel import batch_sharding, pad_batch, to_host
 from jaxgen.sampling import solvers
 from jaxgen.sampling.grids import make_grid
-from jaxgen.sampling.guidance import Guidance, make_denoiser
+from jaxgen.sampling.guidance import PERTURB_KEY, Guidance, make_denoiser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +74,10 @@ class _Config:
     options: tuple
     shape: tuple
     guided: bool
+    pag: bool
     guide_fn: Callable | None
     mesh: Mesh | None
+    cache_interval: int | None
 
 
 def _run(config: _Config, params, key, first_index, ts, x_T, cond, uncond, gparams, guide_params):
@@ -95,10 +97,11 @@ def _run(config: _Config, params, key, first_index, ts, x_T, cond, uncond, gpara
     if config.guided:
         guide_fn = None if config.guide_fn is None else functools.partial(config.guide_fn,
                                                                           guide_params)
-        guidance = Guidance.from_dynamic(gparams, uncond, guide_fn)
+        guidance = Guidance.from_dynamic(gparams, uncond, guide_fn, config.pag)
     # Weights are traced arguments: bound here, inside the trace, never baked in as constants.
     model_fn = functools.partial(config.model_fn, params)
-    denoise = make_denoiser(model_fn, config.process, config.prediction, cond, guidance)
+    denoise = make_denoiser(model_fn, config.process, config.prediction, cond, guidance,
+                            cache_interval=config.cache_interval)
     spec = SOLVERS[config.solver]
     options = dict(spec.fixed) | dict(config.options)
     return spec.fn(denoise, x_T, ts, step_keys, config.process, **options)
@@ -123,6 +126,59 @@ def check_solver(solver: str, options: dict | None) -> tuple[SolverSpec, tuple]:
             f"it takes {sorted(spec.options()) or 'none'}."
         )
     return spec, tuple(sorted(options.items()))
+
+
+# Models found to support PAG / feature caching, by (check, model_fn, shape, cond's
+# shapes): the abstract trace of a check runs once, not on every batch of `generate`.
+_SUPPORTED: set = set()
+
+
+def _once(check: Callable) -> Callable:
+    @functools.wraps(check)
+    def checked(model_fn, params, shape, cond, *args):
+        leaves = tuple((jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(cond))
+        key = (check.__name__, model_fn, shape, jax.tree.structure(cond), leaves, args)
+        if key not in _SUPPORTED:
+            check(model_fn, params, shape, cond, *args)
+            _SUPPORTED.add(key)
+
+    return checked
+
+
+@_once
+def _check_perturbable(model_fn: Callable, params, shape: tuple, cond) -> None:
+    """Refuse perturbed-attention guidance, before tracing the sampler, for a model without it."""
+    flag = {PERTURB_KEY: jax.ShapeDtypeStruct(shape[:1], jnp.bool_)}
+    x = jax.ShapeDtypeStruct(shape, jnp.result_type(float))
+    try:
+        jax.eval_shape(model_fn, params, x, x.update(shape=shape[:1]), {**(cond or {}), **flag})
+    except InputError as e:
+        raise InputError(
+            f"Guidance pag_scale needs a model that reads cond[{PERTURB_KEY!r}] (jaxgen's DiT "
+            f"and U-Net); this one refused it: {e}"
+        ) from None
+
+
+@_once
+def _check_cacheable(model_fn: Callable, params, shape: tuple, cond, interval) -> None:
+    """Refuse feature caching, before tracing the sampler, for a model without it."""
+    if not isinstance(interval, int | np.integer) or interval < 1:
+        raise InputError(f"cache_interval={interval!r}: an int >= 1 (None: no cache).")
+    x = jax.ShapeDtypeStruct(shape, jnp.result_type(float))
+    try:
+        out = jax.eval_shape(
+            lambda p, x: model_fn(p, x, jnp.zeros(shape[:1], x.dtype), cond, fill_cache=True),
+            params,
+            x,
+        )
+        ok = isinstance(out, tuple) and len(out) == 2
+    except (TypeError, InputError):
+        ok = False
+    if not ok:
+        raise InputError(
+            "cache_interval needs a model_fn taking fill_cache=True (-> (prediction, "
+            "features)) and cache=features: jaxgen's DiT and U-Net through as_model_fn."
+        )
 
 
 def _check_start(process, prediction: str, ts: np.ndarray, solver: str, options: tuple) -> None:
@@ -174,6 +230,7 @@ def sample(
     mesh: Mesh | None = None,
     solver_options: dict | None = None,
     first_index: int = 0,
+    cache_interval: int | None = None,
 ) -> tuple[jax.Array, dict]:
     """Draw samples by solving the reverse process from ``t_max`` to 0.
 
@@ -202,11 +259,17 @@ def sample(
       mesh: shard the batch over this mesh (it is padded to a multiple of its size).
       solver_options: solver-specific keywords (``eta``, ``s_churn``, ``order``, ...).
       first_index: index of the first sample of this batch within the run.
+      cache_interval: feature caching (DeepCache on the U-Net, FORA on DiT): a full
+        model call every ``cache_interval`` calls, cheap calls reusing its features
+        in between (:func:`~jaxgen.sampling.guidance.make_denoiser`); ``None``: off.
+        The model must take ``fill_cache`` / ``cache`` keywords (``as_model_fn``
+        of a DiT or U-Net). ``nfe`` counts the cheap calls too.
 
     Returns:
-      ``(x0, info)`` with ``info = {"nfe": model evaluations, "timesteps": ts}``.
-      With autoguidance each evaluation calls two models; with CFG it is one
-      call on a doubled batch.
+      ``(x0, info)`` with ``info = {"nfe": denoiser evaluations, "model_passes",
+      "timesteps": ts}``. With autoguidance each evaluation calls two models; with CFG
+      it is one call on a doubled batch (a tripled one with PAG); ``model_passes``
+      counts every network pass per sample (``nfe`` times 1, 2 or 3).
     """
     spec, options = check_solver(solver, solver_options)
     if not isinstance(steps, int | np.integer) or steps < 1:
@@ -219,6 +282,10 @@ def sample(
     ts, clean_end = plan(process, grid, int(steps), prediction, solver, options)
     if guidance is not None:
         guidance.check(cond)
+        if guidance.pag_scale:
+            _check_perturbable(model_fn, params, shape, cond)
+    if cache_interval is not None:
+        _check_cacheable(model_fn, params, shape, cond, cache_interval)
     if x_T is not None and tuple(x_T.shape) != shape:
         raise InputError(f"x_T has shape {tuple(x_T.shape)}; shape={shape}.")
 
@@ -236,8 +303,10 @@ def sample(
         options,
         (rows, *shape[1:]),
         guidance is not None,
+        guidance is not None and guidance.pag_scale != 0,
         None if guidance is None else guidance.guide_fn,
         mesh,
+        cache_interval,
     )
     gparams = Guidance(1.0).dynamic() if guidance is None else guidance.dynamic()
     uncond = None if guidance is None else guidance.uncond
@@ -246,7 +315,17 @@ def sample(
     x = _run_jit(config, params, key, first_index, ts_in, x_T, cond, uncond, gparams,
                  guide_params)
     nfe = spec.evals_per_step * int(steps) - (spec.free_final if clean_end else 0)
-    return (x if rows == batch else x[:batch]), {"nfe": nfe, "timesteps": ts.copy()}
+    info = {"nfe": nfe, "model_passes": nfe * _passes(guidance), "timesteps": ts.copy()}
+    return (x if rows == batch else x[:batch]), info
+
+
+def _passes(guidance: Guidance | None) -> int:
+    """Network passes per sample and evaluation: conditional, unconditional or weak, perturbed."""
+    if guidance is None:
+        return 1
+    return 1 + (guidance.uncond is not None or guidance.guide_fn is not None) + (
+        guidance.pag_scale != 0
+    )
 
 
 def to_uint8(x: jax.Array) -> jax.Array:
@@ -255,6 +334,9 @@ def to_uint8(x: jax.Array) -> jax.Array:
 
 
 _to_uint8_jit = jax.jit(to_uint8)
+# A latent model's samples go through its decoder first; its weights stay traced.
+_decode_uint8_jit = jax.jit(lambda decode, params, x: to_uint8(decode(params, x)),
+                            static_argnums=0)
 
 
 def generate(
@@ -267,6 +349,9 @@ def generate(
     num: int,
     batch_size: int,
     cond: Any = None,
+    decode: Callable | None = None,
+    decode_params: Any = None,
+    sampler: Callable | None = None,
     **sample_kwargs,
 ) -> Iterator[np.ndarray]:
     """Yield ``num`` samples as uint8 NHWC batches of at most ``batch_size``.
@@ -284,7 +369,13 @@ def generate(
         size and cut, so one compilation serves the whole run).
       cond: ``None``, a pytree with leading axis ``num``, or a callable
         ``cond(indices) -> pytree`` for the sample indices of a batch.
-      **sample_kwargs: passed to :func:`sample` (``prediction``, ``solver``, ``steps``, ...).
+      decode: ``decode(decode_params, x) -> images`` in [-1, 1], applied to the
+        samples before the uint8 rule (a latent model's VAE decoder); one function
+        object per run (compilations are cached on it).
+      decode_params: its weights, a traced argument.
+      sampler: the batch sampler, called as :func:`sample` is (default :func:`sample`;
+        :func:`jaxgen.sampling.consistency_sample` for a consistency model).
+      **sample_kwargs: passed to the sampler (``prediction``, ``solver``, ``steps``, ...).
     """
     if len(tuple(sample_shape)) != 3:
         raise InputError(f"sample_shape={sample_shape}: generate yields images, give (H, W, C).")
@@ -299,7 +390,7 @@ def generate(
             c = jax.tree.map(lambda a: jnp.asarray(a)[np.minimum(idx, num - 1)], cond)
         else:
             c = None
-        x, _ = sample(
+        x, _ = (sampler or sample)(
             model_fn,
             params,
             process,
@@ -309,7 +400,7 @@ def generate(
             first_index=start,
             **sample_kwargs,
         )
-        return _to_uint8_jit(x)
+        return _to_uint8_jit(x) if decode is None else _decode_uint8_jit(decode, decode_params, x)
 
     pending = launch(0)
     for start in range(0, num, batch_size):

@@ -21,6 +21,14 @@ conditional one, and any registered solver runs on it:
   Noiseless measurements only (``noise_std = 0``). Observed pixels of an
   inpainting come out exactly equal to ``y`` with solvers whose last step returns
   the denoised ``x0`` (DDIM/DDPM, DPM-Solver++, UniPC).
+- ``"ddnm+"`` (Wang et al. 2023, DDNM+, Sec. 3.3, Eqs. 17-19): noisy measurements.
+  The replacement is scaled, ``x0 <- D - lambda_t A^+ (A D - y)``, and the ancestral
+  step's fresh noise cut to ``gamma_t = sigma_t^2 - (a_t lambda_t noise_std)^2`` so that
+  the measurement noise carried in by ``A^+ y`` takes its place (``a_t``: the weight of
+  ``x0`` in the DDPM posterior mean, ``sigma_t``: its std; ``lambda_t = 1`` while
+  ``sigma_t >= a_t noise_std``). The noise cut is part of the step, so this method
+  is its own sampler: :func:`ddnm_plus`, DDPM steps (``solver="ddpm"``). With
+  ``noise_std = 0`` it is DDNM with DDPM. The time-travel trick is not implemented.
 
 ``dps`` and ``pigdm`` differentiate through the model (one vector-Jacobian
 product per evaluation, about three forward passes of cost).
@@ -41,9 +49,10 @@ from jax import lax
 from jaxgen.errors import InputError
 from jaxgen.sampling.driver import SOLVERS, check_solver
 from jaxgen.sampling.grids import make_grid
-from jaxgen.sampling.guidance import make_denoiser
+from jaxgen.sampling.guidance import Denoiser, make_denoiser
+from jaxgen.sampling.solvers import step_noise
 
-METHODS = ("pigdm", "dps", "ddnm")
+METHODS = ("pigdm", "dps", "ddnm", "ddnm+")
 
 
 def _sum(a):
@@ -207,14 +216,14 @@ def posterior_denoiser(
       data_var: PiGDM's data variance ``v`` in ``r_t^2``.
     """
 
-    def guided(x, t):
+    def guided(x, t, state):
         a, s = process.alpha(t), process.sigma(t)
         if method == "ddnm":
-            x0, _ = denoise(x, t)
+            x0, _, state = denoise.step(x, t, state)
             x0 = x0 + operator.pinv(y - operator(x0))
         else:
-            x0_of = lambda z: denoise(z, t)[0]
-            x0, vjp = jax.vjp(x0_of, x)
+            x0_of = lambda z: denoise.step(z, t, state)[::2]
+            x0, vjp, state = jax.vjp(x0_of, x, has_aux=True)
             r = y - operator(x0)
             if method == "pigdm":
                 s_hat2 = (s / a) ** 2
@@ -224,12 +233,38 @@ def posterior_denoiser(
                 g = 2 * zeta * operator.adjoint(r) / jnp.sqrt(jnp.maximum(_sum(r * r), 1e-30))
             # Where alpha = 0, x_t carries nothing about x0 and the score of y is 0.
             x0 = jnp.where(a > 0, x0 + s * s / jnp.where(a > 0, a, 1) * vjp(g)[0], x0)
-        return x0, (x - a * x0) / s
+        return x0, (x - a * x0) / s, state
 
-    def conditional(x, t):
-        return lax.cond(process.sigma(t) > 0, guided, denoise, x, t)
+    def conditional(x, t, state):
+        return lax.cond(process.sigma(t) > 0, guided, denoise.step, x, t, state)
 
-    return conditional
+    return Denoiser(conditional, denoise.init)
+
+
+def ddnm_plus(denoise, x, ts, keys, process, *, operator, y, noise_std: float):
+    """DDNM+ (Wang et al. 2023, Eqs. 17-19): DDPM steps with the scaled range-space fix.
+
+    Each step ``t -> s`` is the DDPM posterior ``N(a_t x0 + b_t x_t, sigma_t^2)`` of
+    :func:`jaxgen.sampling.ddim` at ``eta = 1``, with ``x0`` replaced by
+    ``D - lambda_t A^+ (A D - y)`` and the variance by ``gamma_t`` (module docstring).
+    """
+    alpha, sigma = process.alpha(ts), process.sigma(ts)
+
+    def step(carry, i):
+        x, state = carry
+        x0, _, state = denoise.step(x, ts[i], state)
+        a, s, a1, s1 = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        var = jnp.clip((s1 / s) ** 2 * (s**2 - (a / a1 * s1) ** 2), 0.0, s1**2)
+        b = jnp.sqrt(s1**2 - var) / s
+        coef, std = a1 - b * a, jnp.sqrt(var)  # a_t and sigma_t of Eq. 19
+        noisy = coef * noise_std > std
+        lam = jnp.where(noisy, std / jnp.where(noisy, coef * noise_std, 1.0), 1.0)
+        gamma = jnp.maximum(var - (coef * lam * noise_std) ** 2, 0.0)
+        x0 = x0 - lam * operator.pinv(operator(x0) - y)
+        x = coef * x0 + b * x + jnp.sqrt(gamma) * step_noise(keys, i, x)
+        return (x, state), None
+
+    return lax.scan(step, (x, denoise.init(x)), jnp.arange(len(ts) - 1))[0][0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -241,6 +276,10 @@ def _run(config, params, key, ts, y, cond, x_T):
         draw = lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape[1:], ts.dtype)
         x_T = process.sigma(ts[0]) * jax.vmap(draw)(per_sample)
     denoise = make_denoiser(functools.partial(model_fn, params), process, prediction, cond)
+    if method == "ddnm+":
+        noise_std = dict(extra)["noise_std"]
+        return ddnm_plus(denoise, x_T, ts, step_keys, process, operator=operator, y=y,
+                         noise_std=noise_std)
     denoise = posterior_denoiser(denoise, process, operator, y, method=method, **dict(extra))
     spec = SOLVERS[solver]
     return spec.fn(denoise, x_T, ts, step_keys, process, **(dict(spec.fixed) | dict(options)))
@@ -277,7 +316,7 @@ def posterior_sample(
       operator: the linear operator ``A``.
       shape: ``(B, H, W, C)`` of the samples.
       prediction: what ``model_fn`` returns.
-      method: ``"pigdm"``, ``"dps"`` or ``"ddnm"``.
+      method: ``"pigdm"``, ``"dps"``, ``"ddnm"`` or ``"ddnm+"`` (with ``solver="ddpm"``).
       noise_std: measurement noise std; must be 0 for ``ddnm``.
       zeta: DPS step size. data_var: PiGDM's data variance.
       solver: a name in :data:`jaxgen.sampling.SOLVERS`; steps: its step count.
@@ -292,7 +331,13 @@ def posterior_sample(
     if method not in METHODS:
         raise InputError(f"method={method!r}: use one of {', '.join(METHODS)}.")
     if method == "ddnm" and noise_std:
-        raise InputError(f"method='ddnm' is for noiseless y (noise_std={noise_std}); use 'pigdm'.")
+        raise InputError(
+            f"method='ddnm' is for noiseless y (noise_std={noise_std}); use 'ddnm+' or 'pigdm'."
+        )
+    if method == "ddnm+" and solver != "ddpm":
+        raise InputError(
+            f"method='ddnm+' is its own ancestral sampler; pass solver='ddpm' (got {solver!r})."
+        )
     if noise_std < 0 or data_var <= 0 or zeta <= 0:
         raise InputError(
             f"noise_std={noise_std}, data_var={data_var}, zeta={zeta}: need >= 0, > 0."

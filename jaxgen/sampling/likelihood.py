@@ -12,6 +12,8 @@ where ``sigma'`` is singular), together with the divergence: exact (the trace of
 Jacobian by ``jacfwd``, for small dimension) or the Hutchinson-Skilling estimate
 ``v^T J v`` with one Rademacher or Gaussian probe ``v`` per sample held fixed along the
 trajectory, as in score_sde's ``likelihood.py``. It is unbiased: ``E[v^T J v] = tr J``.
+Example ``i`` draws its probe (and its dequantisation noise) from ``fold_in(key,
+first_index + i)`` alone, so a result does not depend on the batch size or devices.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _gaussian_prior(process, t_end):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _integrate(config, params, x, cond, key):
+def _integrate(config, params, x, cond, key, first_index):
     model_fn, process, prediction, divergence, probe, steps, t_start, t_end, prior_logp = config
     lam = jnp.linspace(0.5 * process.logsnr(t_start), 0.5 * process.logsnr(t_end), steps + 1)
     axes = tuple(range(1, x.ndim))
@@ -84,7 +86,8 @@ def _integrate(config, params, x, cond, key):
 
     else:
         draw = jax.random.rademacher if probe == "rademacher" else jax.random.normal
-        v = draw(key, x.shape).astype(x.dtype)
+        keys = _example_keys(key, first_index, x.shape[0])
+        v = jax.vmap(lambda k: draw(k, x.shape[1:]))(keys).astype(x.dtype)
 
         def field(x, lam):
             dx, jv = jax.jvp(lambda z: drift(z, lam, cond), (x,), (v,))
@@ -121,6 +124,7 @@ def log_likelihood(
     t_start: float | None = None,
     t_end: float | None = None,
     prior_logp: Callable | None = None,
+    first_index: int = 0,
 ) -> tuple[jax.Array, dict]:
     """``log p_{t_start}(x)`` in nats per example, by the probability-flow ODE.
 
@@ -142,6 +146,7 @@ def log_likelihood(
         which misses the data's share ``alpha(t_end) x0`` of the terminal marginal: an
         error ~ ``alpha |E x0| / sigma`` nats per dimension (VP: 0.0066, EDM: 1/80 per
         unit of data mean).
+      first_index: index of ``x[0]`` in the whole run (module docstring).
 
     Returns:
       ``(logp [B], info)`` with ``info = {"x_end", "nfe", "t_start", "t_end"}``; ``nfe``
@@ -167,22 +172,27 @@ def log_likelihood(
             "decreasing from t_start to t_end (0 < t_start < t_end < where alpha = 0)."
         )
     config = (model_fn, process, prediction, divergence, probe, steps, t0, t1, prior_logp)
-    logp, x_end = _integrate(config, params, x, cond, key)
+    logp, x_end = _integrate(config, params, x, cond, key, first_index)
     per_eval = int(np.prod(x.shape[1:])) if divergence == "exact" else 1
     info = {"x_end": x_end, "nfe": 4 * steps * per_eval, "t_start": t0, "t_end": t1}
     return logp, info
 
 
-def dequantize(images: jax.Array, key: jax.Array) -> jax.Array:
+def _example_keys(key, first_index, batch):
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(batch))
+
+
+def dequantize(images: jax.Array, key: jax.Array, first_index: int = 0) -> jax.Array:
     """uint8 images to model space with uniform dequantisation, ``[B, ...]`` float32.
 
     Pixel ``y`` is the bin ``floor((x + 1) 127.5 + 0.5) = y`` of jaxgen's one
     uint8 rule: ``x = (y + u - 1/2) / 127.5 - 1`` with ``u ~ U[0, 1)``, bins of
-    width ``2/255``.
+    width ``2/255``; image ``i`` draws ``u`` from ``fold_in(key, first_index + i)``.
     """
     if images.dtype != jnp.uint8:
         raise InputError(f"images have dtype {images.dtype}; dequantize takes uint8.")
-    u = jax.random.uniform(key, images.shape)
+    keys = _example_keys(key, first_index, images.shape[0])
+    u = jax.vmap(lambda k: jax.random.uniform(k, images.shape[1:]))(keys)
     return (images.astype(jnp.float32) + u - 0.5) / 127.5 - 1.0
 
 
@@ -207,10 +217,12 @@ def bits_per_dim(
       model_fn, params, process, prediction: as for :func:`log_likelihood`.
       images: ``[B, ...]`` uint8.
       key: PRNG key (dequantisation noise and Hutchinson probes).
-      **kwargs: passed to :func:`log_likelihood`.
+      **kwargs: passed to :func:`log_likelihood` (``first_index`` also places the
+        dequantisation noise).
     """
     k_u, k_v = jax.random.split(key)
-    x = dequantize(jnp.asarray(images), k_u)
+    first = kwargs.get("first_index", 0)
+    x = dequantize(jnp.asarray(images), k_u, first)
     logp, info = log_likelihood(
         model_fn, params, process, x, prediction=prediction, key=k_v, **kwargs
     )

@@ -2,8 +2,11 @@
 
 ``solver(denoise, x, ts, keys, process, **options) -> x``
 
-- ``denoise(x, t) -> (x0, eps)``: posterior means at scalar time ``t`` with
-  guidance already applied (built once by the driver). At ``sigma(t) = 0`` it
+- ``denoise``: a :class:`~jaxgen.sampling.guidance.Denoiser`;
+  ``denoise.step(x, t, state) -> (x0, eps, state)`` gives posterior means at scalar
+  time ``t`` with guidance already applied (built once by the driver). Its state
+  (APG's momentum, cached features) starts at ``denoise.init(x)`` and is carried
+  through every scan, one update per evaluation. At ``sigma(t) = 0`` it
   returns ``(x / alpha, 0)`` without calling the model: the clean point is its
   own denoised value, and ``eps -> 0`` is the t -> 0 limit for a data density
   with a finite score.
@@ -53,17 +56,18 @@ def ddim(denoise, x, ts, keys, process, *, eta: float = 0.0, s_noise: float = 1.
 
     alpha, sigma = process.alpha(ts), process.sigma(ts)  # once, not per step
 
-    def step(x, i):
-        x0, eps = denoise(x, ts[i])
+    def step(carry, i):
+        x, state = carry
+        x0, eps, state = denoise.step(x, ts[i], state)
         a, s, a1, s1 = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
         if not eta:
-            return a1 * x0 + s1 * eps, None
+            return (a1 * x0 + s1 * eps, state), None
         var = eta**2 * (s1 / s) ** 2 * (s**2 - (a / a1 * s1) ** 2)
         var = jnp.clip(var, 0.0, s1**2)
         z = s_noise * step_noise(keys, i, x)
-        return a1 * x0 + jnp.sqrt(s1**2 - var) * eps + jnp.sqrt(var) * z, None
+        return (a1 * x0 + jnp.sqrt(s1**2 - var) * eps + jnp.sqrt(var) * z, state), None
 
-    return lax.scan(step, x, jnp.arange(len(ts) - 1))[0]
+    return lax.scan(step, (x, denoise.init(x)), jnp.arange(len(ts) - 1))[0][0]
 
 
 # Butcher tableaus (A below the diagonal, b, c) of explicit Runge-Kutta methods.
@@ -79,13 +83,13 @@ TABLEAUS = {
 }
 
 
-def _velocity(denoise, process, x, t):
-    """The probability-flow ODE's ``dx/dt = alpha' x0 + sigma' eps``."""
-    x0, eps = denoise(x, t)
+def _velocity(denoise, process, x, t, state):
+    """The probability-flow ODE's ``dx/dt = alpha' x0 + sigma' eps``, and the new state."""
+    x0, eps, state = denoise.step(x, t, state)
     d_alpha, d_sigma = process.d_alpha(t), process.d_sigma(t)
     # At sigma = 0, eps = 0 and sigma' may be infinite (VP: sigma ~ sqrt(t)).
     clean = jnp.where(jnp.isfinite(d_alpha), d_alpha, 0.0) * x0
-    return jnp.where(process.sigma(t) > 0, d_alpha * x0 + d_sigma * eps, clean)
+    return jnp.where(process.sigma(t) > 0, d_alpha * x0 + d_sigma * eps, clean), state
 
 
 def runge_kutta(
@@ -126,7 +130,8 @@ def runge_kutta(
         extra = jnp.maximum(process.sigma(t_hat) ** 2 - (ratio * process.sigma(t)) ** 2, 0.0)
         return ratio * x + jnp.sqrt(extra) * s_noise * step_noise(keys, i, x), t_hat
 
-    def step(x, i):
+    def step(carry, i):
+        x, state = carry
         t, t1 = ts[i], ts[i + 1]
         if s_churn > 0:
             x, t = churn(x, t, i)
@@ -134,10 +139,11 @@ def runge_kutta(
         k = []
         for j, cj in enumerate(c):
             xj = x + h * sum(a * k_l for a, k_l in zip(a_mat[j - 1], k, strict=False)) if j else x
-            k.append(velocity(xj, t1 if cj == 1 else t + cj * h))
-        return x + h * sum(bj * kj for bj, kj in zip(b, k, strict=True) if bj), None
+            kj, state = velocity(xj, t1 if cj == 1 else t + cj * h, state)
+            k.append(kj)
+        return (x + h * sum(bj * kj for bj, kj in zip(b, k, strict=True) if bj), state), None
 
-    return lax.scan(step, x, jnp.arange(n))[0]
+    return lax.scan(step, (x, denoise.init(x)), jnp.arange(n))[0][0]
 
 
 def euler_maruyama(denoise, x, ts, keys, process, *, diffusion: str = "sigma", scale: float = 1.0):
@@ -161,17 +167,18 @@ def euler_maruyama(denoise, x, ts, keys, process, *, diffusion: str = "sigma", s
             return scale * jnp.ones_like(s)
         return -scale * s**2 * process.d_logsnr(t)
 
-    def step(x, i):
+    def step(carry, i):
+        x, state = carry
         t, t1 = ts[i], ts[i + 1]
-        x0, eps = denoise(x, t)
+        x0, eps, state = denoise.step(x, t, state)
         w = w_of(t)
         velocity = process.d_alpha(t) * x0 + process.d_sigma(t) * eps
         drift = velocity + 0.5 * w * eps / process.sigma(t)  # -w/2 score = +w/2 eps / sigma
         dt = t1 - t
         noise = jnp.where(i < n - 1, jnp.sqrt(-w * dt), 0.0) * step_noise(keys, i, x)
-        return x + dt * drift + noise, None
+        return (x + dt * drift + noise, state), None
 
-    return lax.scan(step, x, jnp.arange(n))[0]
+    return lax.scan(step, (x, denoise.init(x)), jnp.arange(n))[0][0]
 
 
 def restart(
@@ -213,14 +220,18 @@ def restart(
         )
     velocity = functools.partial(_velocity, denoise, process)
 
-    def heun(x, t, t1):
-        k1 = velocity(x, t)
-        return x + 0.5 * (t1 - t) * (k1 + velocity(x + (t1 - t) * k1, t1))
+    def heun(carry, t, t1):
+        x, state = carry
+        k1, state = velocity(x, t, state)
+        k2, state = velocity(x + (t1 - t) * k1, t1, state)
+        return x + 0.5 * (t1 - t) * (k1 + k2), state
 
     main = jnp.interp(jnp.arange(m + 1) * (n / m), jnp.arange(n + 1), ts)
     main = main.at[0].set(ts[0]).at[-1].set(ts[-1])
+    init = (x, denoise.init(x))
     if not restart_times:
-        return lax.scan(lambda x, i: (heun(x, main[i], main[i + 1]), None), x, jnp.arange(m))[0]
+        plain = lambda c, i: (heun(c, main[i], main[i + 1]), None)
+        return lax.scan(plain, init, jnp.arange(m))[0][0]
     level = lambda t: jnp.exp(-0.5 * process.logsnr(t))  # sigma / alpha
     j_r = 1 + jnp.argmin(jnp.abs(jnp.log(level(main[1:-1]) / restart_min)))
     t_lo, t_hi = main[j_r], process.t_from_logsnr(-2 * math.log(restart_max))
@@ -231,17 +242,18 @@ def restart(
     ratio = process.alpha(t_hi) / process.alpha(t_lo)
     jump = jnp.sqrt(jnp.maximum(process.sigma(t_hi) ** 2 - (ratio * process.sigma(t_lo)) ** 2, 0))
 
-    def one_restart(x, k):
+    def one_restart(carry, k):
+        x, state = carry
         x = ratio * x + jump * s_noise * step_noise(keys, k, x)
-        back = lambda x, j: (heun(x, sub[j], sub[j + 1]), None)
-        return lax.scan(back, x, jnp.arange(n_r))[0], None
+        back = lambda c, j: (heun(c, sub[j], sub[j + 1]), None)
+        return lax.scan(back, (x, state), jnp.arange(n_r))[0], None
 
-    def step(x, i):
-        x = heun(x, main[i], main[i + 1])
-        again = lambda x: lax.scan(one_restart, x, jnp.arange(restart_times))[0]
-        return lax.cond(i + 1 == j_r, again, lambda x: x, x), None
+    def step(carry, i):
+        carry = heun(carry, main[i], main[i + 1])
+        again = lambda c: lax.scan(one_restart, c, jnp.arange(restart_times))[0]
+        return lax.cond(i + 1 == j_r, again, lambda c: c, carry), None
 
-    return lax.scan(step, x, jnp.arange(m))[0]
+    return lax.scan(step, init, jnp.arange(m))[0][0]
 
 
 def _sde_terms(h, eta: float, s_noise: float, sigma_next, keys, i, x):
@@ -283,8 +295,8 @@ def dpmpp_2m(
     alpha, sigma, lam = process.alpha(ts), process.sigma(ts), _lam(process, ts)
 
     def step(carry, i):
-        x, x0_prev, h_prev = carry
-        x0, _ = denoise(x, ts[i])
+        x, x0_prev, h_prev, state = carry
+        x0, _, state = denoise.step(x, ts[i], state)
         h = lam[i + 1] - lam[i]
         decay, big_h, noise = _sde_terms(h, eta, s_noise, sigma[i + 1], keys, i, x)
         gain = -jnp.expm1(-big_h)
@@ -292,9 +304,9 @@ def dpmpp_2m(
         second = jnp.isfinite(h) & jnp.isfinite(h_prev)
         x0_diff = jnp.where(second, c * (h / h_prev) * (x0 - x0_prev), 0.0)
         x = sigma[i + 1] / sigma[i] * decay * x + alpha[i + 1] * (gain * x0 + x0_diff) + noise
-        return (x, x0, h), None
+        return (x, x0, h, state), None
 
-    init = (x, jnp.zeros_like(x), jnp.full((), jnp.inf, ts.dtype))
+    init = (x, jnp.zeros_like(x), jnp.full((), jnp.inf, ts.dtype), denoise.init(x))
     return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]
 
 
@@ -312,8 +324,8 @@ def dpmpp_3m(denoise, x, ts, keys, process, *, eta: float = 0.0, s_noise: float 
     alpha, sigma, lam = process.alpha(ts), process.sigma(ts), _lam(process, ts)
 
     def step(carry, i):
-        x, x0_1, x0_2, h_1, h_2 = carry
-        x0, _ = denoise(x, ts[i])
+        x, x0_1, x0_2, h_1, h_2, state = carry
+        x0, _, state = denoise.step(x, ts[i], state)
         a1 = alpha[i + 1]
         h = lam[i + 1] - lam[i]
         decay, big_h, noise = _sde_terms(h, eta, s_noise, sigma[i + 1], keys, i, x)
@@ -327,10 +339,10 @@ def dpmpp_3m(denoise, x, ts, keys, process, *, eta: float = 0.0, s_noise: float 
         ok3 = ok2 & jnp.isfinite(h_2)
         corr = jnp.where(ok3, phi_2 * d1 - phi_3 * d2, jnp.where(ok2, phi_2 * d1_0, 0.0))
         x = sigma[i + 1] / sigma[i] * decay * x - a1 * jnp.expm1(-big_h) * x0 + a1 * corr + noise
-        return (x, x0, x0_1, h, h_1), None
+        return (x, x0, x0_1, h, h_1, state), None
 
     inf = jnp.full((), jnp.inf, ts.dtype)
-    init = (x, jnp.zeros_like(x), jnp.zeros_like(x), inf, inf)
+    init = (x, jnp.zeros_like(x), jnp.zeros_like(x), inf, inf, denoise.init(x))
     return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]
 
 
@@ -395,8 +407,8 @@ def sa_solver(
         return jnp.cumprod(jnp.isfinite(lams[:limit]).astype(jnp.int32)).sum()
 
     def step(carry, i):
-        x, x_prev, hist_m, hist_lam = carry
-        m, _ = denoise(x, ts[i])
+        x, x_prev, hist_m, hist_lam, state = carry
+        m, _, state = denoise.step(x, ts[i], state)
         new_m = jnp.concatenate([m[None], hist_m[:-1]])
         new_lam = jnp.concatenate([lam[i][None], hist_lam[:-1]])
         if c:
@@ -408,9 +420,10 @@ def sa_solver(
         k_p = jnp.where(smooth, order(p, new_lam), 1)
         predictors = [functools.partial(sa_step, k) for k in range(1, p + 1)]
         x_next = lax.switch(k_p - 1, predictors, x, new_m, new_lam, i)
-        return (x_next, x, new_m, new_lam), None
+        return (x_next, x, new_m, new_lam, state), None
 
-    init = (x, x, jnp.zeros((depth, *x.shape), x.dtype), jnp.full((depth,), -jnp.inf, lam.dtype))
+    hist = jnp.zeros((depth, *x.shape), x.dtype), jnp.full((depth,), -jnp.inf, lam.dtype)
+    init = (x, x, *hist, denoise.init(x))
     return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]
 
 
@@ -482,8 +495,8 @@ def unipc(denoise, x, ts, keys, process, *, order: int = 3, variant: str = "bh2"
         return x_ - a * b_of(hh) * (res + rhos[-1] * (m_new - hist_m[0]))
 
     def step(carry, i):
-        x, x_prev, hist_m, hist_lam, k_prev = carry
-        m, _ = denoise(x, ts[i])
+        x, x_prev, hist_m, hist_lam, k_prev, state = carry
+        m, _, state = denoise.step(x, ts[i], state)
         corrected = lax.switch(
             jnp.clip(k_prev, 1, p) - 1,
             [lambda *a, k=k: correct(k, *a) for k in range(1, p + 1)],
@@ -497,7 +510,7 @@ def unipc(denoise, x, ts, keys, process, *, order: int = 3, variant: str = "bh2"
         x_next = lax.switch(k - 1, predictors, x, m, hist_m, hist_lam, i)
         hist_m = jnp.concatenate([m[None], hist_m[:-1]])
         hist_lam = jnp.concatenate([lam[i][None], hist_lam[:-1]])
-        return (x_next, x, hist_m, hist_lam, k), None
+        return (x_next, x, hist_m, hist_lam, k, state), None
 
     init = (
         x,
@@ -505,5 +518,6 @@ def unipc(denoise, x, ts, keys, process, *, order: int = 3, variant: str = "bh2"
         jnp.zeros((p, *x.shape), x.dtype),
         jnp.full((p,), -jnp.inf, lam.dtype),
         jnp.zeros((), jnp.int32),
+        denoise.init(x),
     )
     return lax.scan(step, init, jnp.arange(len(ts) - 1))[0][0]

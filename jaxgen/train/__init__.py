@@ -23,7 +23,7 @@ from jaxgen.train.monitoring import (
     sample_images,
     save_png,
 )
-from jaxgen.train.run import Run, load_run
+from jaxgen.train.run import Run, load_released, load_run, recipe_config
 from jaxgen.train.state import (
     PROCESSES,
     LossFn,
@@ -61,6 +61,7 @@ __all__ = [
     "fid_of_samples",
     "image_grid",
     "init_state",
+    "load_released",
     "load_run",
     "make_optimizer",
     "make_run_parts",
@@ -68,6 +69,7 @@ __all__ = [
     "make_train_step",
     "read_events",
     "read_scalars",
+    "recipe_config",
     "reference_stats",
     "sample_images",
     "save_png",

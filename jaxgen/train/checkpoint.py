@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxgen.errors import InputError
-from jaxgen.files import open_atomic
+from jaxgen.files import open_atomic, sha256
 
 CHECKSUMS = "jaxgen_checksums.json"
 
@@ -48,11 +47,7 @@ def _digests(folder: epath.Path) -> dict[str, str]:
         rel = os.fspath(path)[len(os.fspath(folder)) + 1 :]
         if rel == CHECKSUMS:
             continue
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        out[rel] = h.hexdigest()
+        out[rel] = sha256(path)
     return out
 
 

@@ -21,7 +21,9 @@ from jaxgen.errors import InputError
 from jaxgen.files import open_atomic
 from jaxgen.models import count_params
 from jaxgen.parallel import initialize_distributed, make_mesh
+from jaxgen.train import latent, repa
 from jaxgen.train.checkpoint import Checkpointer
+from jaxgen.train.consistency import with_teacher
 from jaxgen.train.monitoring import (
     fid_of_samples,
     image_grid,
@@ -82,7 +84,10 @@ def open_data(config: ml_collections.ConfigDict, download: bool = True):
 
 
 def model_shape(config: ml_collections.ConfigDict, stored: tuple | None) -> tuple[int, int, int]:
-    """``(H, W, C)`` of the model's input given the source's image shape (``None``: varies)."""
+    """``(H, W, C)`` of the model's input given the source's image shape (``None``: varies);
+    in a latent run, the latent's shape."""
+    if latent.enabled(config):
+        return tuple(stored) if stored is not None else latent.latent_shape(config)
     side = config.data.pad_to or config.data.resolution
     if stored is None:
         if config.data.resolution is None:
@@ -193,10 +198,13 @@ def build(
         source, image_shape = open_data(config)
     else:
         image_shape = model_shape(config, source.image_shape)
+    latent.check_dataset(config, source)
     mesh = make_mesh(fsdp=config.train.fsdp)
     total_updates = max(config.train.num_steps // config.optim.grad_accum, 1)
     parts = make_run_parts(config, mesh, image_shape, total_updates, module=module,
                            loss_fn=loss_fn, frozen=frozen)
+    if repa.enabled(config):  # the encoder's weights as the step's frozen argument
+        parts = repa.with_repa(parts)
     _check_labels(parts, source)
     return parts, source
 
@@ -252,8 +260,19 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"eval: every {config.eval.every_steps} steps, at minutes {list(config.eval.at_minutes)}; "
         f"grid of 64 + FID of {config.eval.fid_samples} samples of weights "
         f"{default_weights_name(config)} vs "
-        f"{config.eval.fid_reference} ({config.eval.solver}, {config.eval.steps} steps)",
+        f"{config.eval.fid_reference} ("
+        f"{'consistency sampler' if parts.is_consistency else config.eval.solver}, "
+        f"{config.eval.steps} steps)",
     ]
+    if config.diffusion.get("loss") == "cd":
+        lines.append(f"distill: teacher {config.distill.teacher} (weights "
+                     f"{config.distill.teacher_weights or 'its default'}), one "
+                     f"{config.distill.solver} step of its ODE per target")
+    if repa.enabled(config):
+        r = config.train.repa
+        lines.append(f"repa: tokens after block {r.depth} -> projector {r.projector_dim} -> "
+                     f"{r.encoder} features (weights {r.weights or 'default'}), "
+                     f"lambda {r['lambda']}")
     if _snapshot_every(config):
         lines.append(f"power-EMA snapshots: every {_snapshot_every(config)} steps, in "
                      f"{snapshot_folder(workdir)}")
@@ -449,6 +468,8 @@ def train_and_evaluate(
     # Everything is checked before anything is written: a refused start leaves no trace.
     rewrite_config = check_config(workdir_path, config_json, allow_config_change)
     parts, source = build(config, module=module, loss_fn=loss_fn, frozen=frozen)
+    if loss_fn is None and config.diffusion.get("loss") == "cd":
+        parts = with_teacher(parts)  # distill.teacher's weights, checked against the student
     lock = WorkdirLock(workdir_path)
     created = main and not workdir_path.exists()
     if main:

@@ -48,7 +48,8 @@ def sample_images(
     ``params`` stay an argument of the compiled program (the run's one
     ``parts.model_fn``), so every evaluation and every EMA reuses one
     compilation. Sample ``i`` depends only on ``(key, i)``; a class-conditional
-    model draws it with label :func:`class_labels` ``(i)``.
+    model draws it with label :func:`class_labels` ``(i)``. A latent run's
+    samples are decoded through its VAE (:attr:`RunParts.latent`), on the mesh.
 
     Args:
       parts: the run's model and process.
@@ -56,7 +57,9 @@ def sample_images(
       key: the run's sampling key.
       num: number of samples.
       batch_size: samples per device call.
-      solver, steps: :func:`jaxgen.sampling.sample`'s solver and step count.
+      solver, steps: :func:`jaxgen.sampling.sample`'s solver and step count; a
+        consistency model (:attr:`RunParts.is_consistency`) ignores ``solver`` and takes
+        ``steps`` evaluations of :func:`jaxgen.sampling.consistency_sample`.
       cfg_scale: classifier-free guidance weight (1: none); needs a
         class-conditional model trained with label dropout.
       solver_options: solver-specific keywords.
@@ -68,14 +71,22 @@ def sample_images(
             f"cfg_scale={cfg_scale} needs a class-conditional model; this one has no classes."
         )
     guidance = sampling.Guidance(cfg_scale, uncond=parts.null_cond) if cfg_scale != 1.0 else None
+    how = dict(prediction=parts.prediction, solver=solver, steps=steps, guidance=guidance,
+               solver_options=solver_options)
+    if parts.is_consistency:  # Algorithm 1 of Song et al. (2023): NFE = steps, no solver
+        if guidance is not None:
+            raise InputError(f"cfg_scale={cfg_scale}: a consistency model samples without "
+                             "guidance; use 1.")
+        how = dict(sampler=sampling.consistency_sample,
+                   ts=sampling.consistency_times(parts.process, steps))
     labels = None
     if parts.num_classes:
         labels = lambda idx: {"label": jnp.asarray(class_labels(idx, parts.num_classes))}
+    latent = parts.latent
+    decode = {} if latent is None else dict(decode=latent.decode, decode_params=latent.variables)
     return sampling.generate(
         parts.model_fn, params, parts.process, key, parts.image_shape,
-        num=num, batch_size=batch_size, cond=labels, prediction=parts.prediction,
-        solver=solver, steps=steps, guidance=guidance, mesh=parts.mesh,
-        solver_options=solver_options,
+        num=num, batch_size=batch_size, cond=labels, mesh=parts.mesh, **how, **decode,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any, NamedTuple
@@ -14,14 +15,17 @@ from flax.traverse_util import flatten_dict
 
 from jaxgen.errors import InputError
 from jaxgen.files import as_path
+from jaxgen.models import load_weights
+from jaxgen.parallel import make_mesh, replicated
 from jaxgen.train.checkpoint import Checkpointer
-from jaxgen.train.loop import build
+from jaxgen.train.loop import build, model_shape
 from jaxgen.train.phema import load_snapshot
 from jaxgen.train.state import (
     RunParts,
     abstract_state,
     default_weights_name,
     ema_name,
+    make_run_parts,
     phema_name,
     phema_sigma_rels,
     state_weights,
@@ -96,6 +100,45 @@ def load_run(
             + (f", power EMAs {phemas}" if phemas else "") + ", or use 'params'."
         )
     return Run(parts, state_weights(state, config, name), int(step), name)
+
+
+def recipe_config(recipe: str, *, model: str | None = None, vae: str | os.PathLike | None = None,
+                  vae_model: str | None = None) -> ml_collections.ConfigDict:
+    """The config of recipe ``jaxgen.configs.<recipe>``, with the model and VAE replaced.
+
+    Raises:
+      InputError: an unknown recipe.
+    """
+    from jaxgen.configs import RECIPES
+
+    if recipe not in RECIPES:
+        raise InputError(f"--recipe {recipe}: not a jaxgen recipe; use one of {list(RECIPES)}.")
+    config = importlib.import_module(f"jaxgen.configs.{recipe}").get_config()
+    if model is not None:
+        config.model.name = model
+    if vae is not None:
+        config.latent.vae = os.fspath(vae)
+    if vae_model is not None:
+        config.latent.vae_model = vae_model
+    return config
+
+
+def load_released(config: ml_collections.ConfigDict, weights: str | os.PathLike) -> Run:
+    """Released weights (DiT, SiT, any :func:`jaxgen.models.load_weights` file) as a
+    :class:`Run` under ``config``'s model, process and latents, without a training workdir.
+
+    The model computes in float32, its weights replicated over all devices.
+
+    Raises:
+      InputError: weights of another model (every mismatched tensor named).
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.compute_dtype = "float32"
+    mesh = make_mesh()
+    parts = make_run_parts(config, mesh, model_shape(config, None), 1)
+    variables = load_weights(weights, parts.module)
+    params = jax.device_put(variables["params"], replicated(mesh))
+    return Run(parts.with_constants(variables.get("buffers")), params, 0, os.fspath(weights))
 
 
 def _weights_name(config: ml_collections.ConfigDict, ema: str | float | None) -> str | None:

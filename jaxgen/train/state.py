@@ -34,18 +34,22 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxgen import diffusion
-from jaxgen.data import to_model_space
+from jaxgen.diffusion.consistency import consistency_precond
 from jaxgen.diffusion.edm2_loss import edm2_loss
 from jaxgen.errors import InputError
 from jaxgen.models import EDM2, LOGICAL_AXIS_RULES, as_model_fn, create_model, force_normalize
 from jaxgen.parallel import batch_sharding, replicated
+from jaxgen.train import repa
+from jaxgen.train.consistency import CONSISTENCY_LOSSES, check_consistency, consistency_loss
+from jaxgen.train.latent import LatentSpace, load_latent_space, make_to_x0
+from jaxgen.train.latent import enabled as latent_enabled
 from jaxgen.train.phema import PowerEMAState, power_ema_init, power_ema_update, sigma_rel_to_gamma
 from jaxgen.train.schedules import inverse_sqrt_schedule
 
 PROCESSES = {"vp": diffusion.VP, "edm": diffusion.EDM, "flow": diffusion.Flow}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("constant", "cosine", "inverse_sqrt")
-LOSSES = ("denoising", "edm2")
+LOSSES = ("denoising", "edm2", *CONSISTENCY_LOSSES)
 
 PARAM_CONSTRAINTS: dict[type, Callable[[Any], Any]] = {EDM2: force_normalize}
 """Modules whose stored weights are projected after init and after every optimizer update:
@@ -170,7 +174,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     if hasattr(module, "sigma_data"):  # a model that preconditions itself (EDM2)
         _add_sigma_data(kwargs, config.diffusion, "model.kwargs")
         module = module.clone(sigma_data=kwargs["sigma_data"])
-    return module
+    return repa.wrap_model(config, module)  # REPA's projector when train.repa is on
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_updates: int) -> optax.Schedule:
@@ -231,7 +235,8 @@ of scalars; ``model_fn(params, x_t, t, cond, **kwargs)`` is the preconditioned m
 in training mode (dropout on), keywords passed to the module's call (EDM2's
 ``return_logvar=True``). A run with frozen weights (:attr:`RunParts.frozen`: a
 distillation teacher, a feature encoder) calls ``loss_fn(..., key, frozen=frozen)``
-with them as traced arrays."""
+with them as traced arrays; a loss with a ``step`` keyword (iCT's curriculum) gets
+``step=`` the number of optimizer updates so far (traced int32)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,15 +278,28 @@ class RunParts:
                      if isinstance(self.module, cls)), None)
 
     @property
+    def is_consistency(self) -> bool:
+        """Whether the model is a consistency function (``diffusion.precond = "consistency"``):
+        sampled in ``steps`` evaluations by :func:`jaxgen.sampling.consistency_sample`."""
+        return self.config.diffusion.precond == "consistency"
+
+    @property
     def num_classes(self) -> int:
         """Classes the model is conditioned on (0: unconditional), read off the module."""
         return int(getattr(self.module, "num_classes", 0) or 0)
 
     @functools.cached_property
+    def latent(self) -> LatentSpace | None:
+        """The autoencoder and latent scaling of ``config.latent``, its weights loaded on
+        first use (for sampling: samples are decoded through it); ``None`` on pixels."""
+        return load_latent_space(self.config, self.mesh) if latent_enabled(self.config) else None
+
+    @functools.cached_property
     def model_fn(self) -> Callable:
-        """``model_fn(params, x_t, t, cond)`` in evaluation mode, one function object per
-        run, so every compiled sampler is reused across checkpoints and EMAs."""
-        return lambda params, x_t, t, cond: self.apply(params, x_t, t, cond)
+        """``model_fn(params, x_t, t, cond, **kwargs)`` in evaluation mode, one function
+        object per run, so every compiled sampler is reused across checkpoints and EMAs;
+        keywords go to the module's call (the samplers' feature-cache switches)."""
+        return lambda params, x_t, t, cond, **kwargs: self.apply(params, x_t, t, cond, **kwargs)
 
     @property
     def null_cond(self) -> dict | None:
@@ -297,7 +315,9 @@ class RunParts:
         EDM preconditioning (``diffusion.precond == "edm"``) wraps the network
         here, so the backbone never sees raw ``x_t`` and ``t`` (it gets
         ``c_noise = ln(sigma) / 4``); otherwise it sees ``diffusion.time_scale * t``
-        (1000 reproduces DDPM/DiT's step-index embedding for ``t`` in [0, 1]). A
+        (1000 reproduces DDPM/DiT's step-index embedding for ``t`` in [0, 1]), or
+        with ``diffusion.reverse_time`` SiT's time ``1 - t`` (its interpolants run
+        from noise at 0 to data at 1), a velocity then negated. A
         learned-sigma output keeps only the prediction channels (:func:`jaxgen.models.as_model_fn`).
         ``constants`` (default: the bound :attr:`constants`) and ``call_kwargs``
         go to the module as in :func:`jaxgen.models.as_model_fn`; the train step
@@ -311,6 +331,15 @@ class RunParts:
         if self.config.diffusion.precond == "edm":
             sigma_data = getattr(self.process, "sigma_data", self.config.diffusion.sigma_data)
             return diffusion.edm_precond(raw, self.process, sigma_data)(params, x_t, t, cond)
+        if self.is_consistency:  # c_skip = 1, c_out = 0 at sigma_min: f(x, sigma_min) = x
+            precond = consistency_precond(raw, self.process,
+                                          sigma_data=self.config.diffusion.sigma_data)
+            return precond(params, x_t, t, cond)
+        if self.config.diffusion.get("reverse_time", False):  # SiT: t = 1 is the data
+            out = raw(params, x_t, self.config.diffusion.get("time_scale", 1.0) * (1 - t), cond)
+            if self.prediction != "velocity":
+                return out
+            return (-out[0], *out[1:]) if isinstance(out, tuple) else -out  # REPA: (v, tokens)
         return raw(params, x_t, self.config.diffusion.get("time_scale", 1.0) * t, cond)
 
     def example_inputs(self, batch: int = 1):
@@ -346,10 +375,13 @@ def make_run_parts(
         process, prediction, time sampler and weighting of ``config.diffusion``.
       frozen: weights ``loss_fn`` takes as ``frozen=`` (:attr:`RunParts.frozen`).
     """
-    if config.diffusion.precond not in ("none", "edm"):
-        raise InputError(f"diffusion.precond={config.diffusion.precond!r}: use 'none' or 'edm'.")
-    prediction = "x0" if config.diffusion.precond == "edm" else config.diffusion.prediction
+    if config.diffusion.precond not in ("none", "edm", "consistency"):
+        raise InputError(f"diffusion.precond={config.diffusion.precond!r}: use 'none', 'edm' "
+                         "or 'consistency'.")
+    preconditioned = config.diffusion.precond in ("edm", "consistency")
+    prediction = "x0" if preconditioned else config.diffusion.prediction
     process = make_process(config.diffusion)
+    check_consistency(config, process)
     if module is None:
         module = make_model(config)
     sigma_data = getattr(module, "sigma_data", config.diffusion.sigma_data)
@@ -359,6 +391,8 @@ def make_run_parts(
             f"{config.diffusion.sigma_data}; the model preconditions with it, so they must agree."
         )
     _check_phema(config)
+    if loss_fn is None and config.diffusion.get("loss") in CONSISTENCY_LOSSES:
+        loss_fn = consistency_loss(config, process, total_updates)
     if loss_fn is None:
         loss_fn = _make_loss(config.diffusion, module, process, prediction)
     return RunParts(
@@ -497,13 +531,15 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
     sigma_rels = phema_sigma_rels(cfg)
     constrain = parts.param_constraint
 
+    to_x0 = make_to_x0(cfg, parts.image_shape[2])  # images, or a draw from latent moments
     loss_kwargs = (lambda frozen: {}) if parts.frozen is None else (
         lambda frozen: {"frozen": frozen})
+    takes_step = "step" in inspect.signature(parts.loss_fn).parameters
 
     def step_fn(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.rng, state.step)
         k_loss, k_model = jax.random.split(key)
-        x0 = to_model_space(batch["image"])
+        x0 = to_x0(batch["image"], jax.random.fold_in(key, 2))
         cond = {"label": batch["label"]} if parts.num_classes else None
 
         def model_fn(p, x, t, c, **kwargs):
@@ -511,8 +547,9 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
                                constants=state.constants or {}, **kwargs)
 
         def objective(params):
+            step_kwargs = {"step": _update_count(state.opt_state)} if takes_step else {}
             value, metrics = parts.loss_fn(model_fn, params, x0, cond, k_loss,
-                                           **loss_kwargs(frozen))
+                                           **loss_kwargs(frozen), **step_kwargs)
             value = jnp.mean(value)  # per-example [B] or already a scalar
             return value, dict(metrics, loss=value)
 

@@ -58,14 +58,16 @@ def config_differences(saved: dict, new: dict) -> list[str]:
     """``field: saved -> new`` for every field that differs and may not change on resume.
 
     ``train.num_steps`` may change unless the learning rate follows a cosine
-    (whose length it sets). A field the saved configuration lacks, because the run
-    started before jaxgen had it, counts as unchanged while the new value is the
-    base recipe's default (``jaxgen/configs/base.py``), which keeps the old behaviour.
+    or the loss is iCT's (whose length it sets: the curriculum ``N(k)``). A field the
+    saved configuration lacks, because the run started before jaxgen had it, counts as
+    unchanged while the new value is the base recipe's default (``jaxgen/configs/base.py``),
+    which keeps the old behaviour.
     """
     a, b = _flatten(saved), _flatten(new)
     defaults = _base_defaults()
     fixed = lambda k: not k.startswith(RESUMABLE) or (
-        k == "train.num_steps" and b.get("optim.schedule") == "cosine")
+        k == "train.num_steps" and (b.get("optim.schedule") == "cosine"
+                                    or b.get("diffusion.loss") == "ict"))
     added = lambda k: k not in a and k in defaults and b.get(k) == defaults[k]
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
             for k in sorted(a.keys() | b.keys())

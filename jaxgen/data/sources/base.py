@@ -72,6 +72,21 @@ class ImageSource(abc.ABC):
         """Whether the images have labels (without reading them)."""
         return self.labels is not None
 
+    def read_flipped(
+        self, indices: np.ndarray, flips: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Like :meth:`read_with_labels`, the examples where ``flips`` mirrored left-right.
+
+        A source that stores both views of each example (latents encoded from
+        the image and from its mirror) returns the stored one instead.
+        """
+        images, labels = self.read_with_labels(indices)
+        if flips.any():
+            if not images.flags.owndata or not images.flags.writeable:
+                images = images.copy()  # never write into a source's own memory
+            images[flips] = images[flips][:, :, ::-1]
+        return images, labels
+
     def read(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
         """uint8 ``[len(indices), H, W, C]`` with ``C`` in {1, 3}, in the order of ``indices``."""
         return self.read_with_labels(np.asarray(indices, dtype=np.int64))[0]

@@ -15,6 +15,10 @@
   decoded by jaxgen like files;
 - ``gs://...`` (through :mod:`jaxgen.files`): an ``.npz`` or ``.npy`` as above,
   read whole into memory;
+- a latent dataset folder written by ``python -m jaxgen.encode`` (its
+  ``meta.json`` says so): VAE posterior moments, not images
+  (:class:`jaxgen.data.sources.latents.LatentSource`; ``resolution`` must be
+  the one it was encoded at);
 - ``fashion_mnist[:SPLIT]`` and ``tfds:fashion_mnist[:SPLIT]``: Debian's
   ``dataset-fashion-mnist`` copy at
   :data:`jaxgen.data.sources.fashion_mnist.FASHION_MNIST_DIR` when present,
@@ -38,6 +42,7 @@ from jaxgen.data.sources.base import ImageSource
 from jaxgen.data.sources.fashion_mnist import open_fashion_mnist
 from jaxgen.data.sources.folders import FolderSource
 from jaxgen.data.sources.idx import open_idx
+from jaxgen.data.sources.latents import LatentSource, is_latent_dataset
 from jaxgen.data.sources.tfds import open_tfds
 from jaxgen.errors import InputError
 from jaxgen.files import as_path, is_local
@@ -117,6 +122,8 @@ def open_source(
             f"{spec}: no such file or folder; give an image folder, .npz, .npy or IDX path, "
             "or tfds:NAME[:SPLIT] for a TFDS dataset."
         )
+    if path.is_dir() and is_latent_dataset(path):
+        return LatentSource(path, resolution)
     if path.is_dir():
         return FolderSource(
             path,

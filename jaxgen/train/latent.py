@@ -1,0 +1,160 @@
+"""Latent diffusion (Rombach et al. 2022): the model trains on scaled VAE latents, samples decode.
+
+``config.latent`` (see :mod:`jaxgen.configs.base`) turns it on: ``vae`` the
+autoencoder's weight file, ``vae_model`` its :func:`jaxgen.models.create_model`
+name (``vae_kwargs`` overriding fields, for a small one), ``scale`` and
+``shift`` (floats, or one per latent channel as EDM2 uses). The training data
+is a latent dataset of ``python -m jaxgen.encode`` (posterior moments); each
+step draws a fresh latent from the posterior and scales it, as DiT does
+(``vae.encode(x).latent_dist.sample().mul_(0.18215)``):
+
+    z = scale * (mean + exp(logvar / 2) * eps - shift),   eps ~ N(0, I),
+
+and a sample ``z`` becomes an image through ``decode(z / scale + shift)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxgen.data.pipeline import to_model_space
+from jaxgen.data.sources.latents import META, LatentSource, weights_identity
+from jaxgen.errors import InputError
+from jaxgen.models import AutoencoderKL, create_model, load_weights, sample_latent
+from jaxgen.parallel import replicated
+
+
+def enabled(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` trains on latents (``latent.vae`` set; absent from older configs)."""
+    return bool(config.get("latent") and config.latent.vae)
+
+
+def make_vae(config: ml_collections.ConfigDict) -> AutoencoderKL:
+    """The autoencoder module of ``config.latent`` (no weights)."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in dict(config.latent.get("vae_kwargs", {})).items()}
+    vae = create_model(config.latent.vae_model, **kwargs)
+    if not isinstance(vae, AutoencoderKL):
+        raise InputError(f"latent.vae_model={config.latent.vae_model!r} is not an autoencoder; "
+                         "use vae-sd, vae-sdxl or vae-small.")
+    return vae
+
+
+def channel_values(value: Any, channels: int, key: str) -> np.ndarray:
+    """``latent.scale`` or ``latent.shift`` as float32 ``[channels]`` (a float is repeated)."""
+    a = np.asarray(value, np.float32).reshape(-1)
+    if a.size == 1:
+        a = np.repeat(a, channels)
+    if a.shape != (channels,) or not np.all(np.isfinite(a)) or (key == "scale" and
+                                                                 np.any(a == 0)):
+        raise InputError(f"latent.{key}={value!r}: give a finite number or {channels} "
+                         f"(one per latent channel){', none 0' if key == 'scale' else ''}.")
+    return a
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """``(h, w, c)`` of a latent of a ``data.resolution`` image under ``config``'s VAE."""
+    vae, r = make_vae(config), config.data.resolution
+    if r is None or r % vae.factor:
+        raise InputError(f"data.resolution={r}: a latent run needs the image resolution, a "
+                         f"multiple of the VAE's factor {vae.factor}.")
+    return (r // vae.factor, r // vae.factor, vae.latent_channels)
+
+
+def check_dataset(config: ml_collections.ConfigDict, source) -> None:
+    """Refuse latents made with another VAE, model, scale or shift than ``config.latent``.
+
+    Raises:
+      InputError: naming the dataset's ``meta.json`` and the first difference; also a
+        latent dataset in a pixel run, or images in a latent run.
+    """
+    is_latent = isinstance(source, LatentSource)
+    if not enabled(config):
+        if is_latent:
+            raise InputError(f"{source.name}: a latent dataset, but latent.vae is empty; set "
+                             "--config.latent.vae=FILE (the VAE it was encoded with).")
+        return
+    if not is_latent:
+        raise InputError(f"{source.name}: images, but latent.vae is set; encode them first "
+                         "(python -m jaxgen.encode) and train on the latent folder.")
+    meta, where = source.meta, source.folder / META
+    vae = make_vae(config)
+    c = vae.latent_channels
+    mine = {"vae_model": config.latent.vae_model,
+            "scale": channel_values(config.latent.scale, c, "scale").tolist(),
+            "shift": channel_values(config.latent.shift, c, "shift").tolist()}
+    theirs = {"vae_model": meta["vae_model"],
+              "scale": channel_values(meta["scale"], c, "scale").tolist(),
+              "shift": channel_values(meta["shift"], c, "shift").tolist()}
+    for key in mine:
+        if mine[key] != theirs[key]:
+            raise InputError(f"{where}: encoded with {key}={meta[key]!r}, but latent.{key}="
+                             f"{config.latent[key]!r}; use the dataset's value or encode again.")
+    vae_id = weights_identity(config.latent.vae)
+    if vae_id["sha256"] != meta["vae"]["sha256"]:
+        raise InputError(f"{where}: encoded with VAE {meta['vae']['name']} (sha256 "
+                         f"{meta['vae']['sha256'][:12]}), but latent.vae={config.latent.vae} "
+                         f"has sha256 {vae_id['sha256'][:12]}; give that VAE or encode again.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentSpace:
+    """A run's autoencoder, its weights and the latent scaling.
+
+    Attributes:
+      vae: the autoencoder module.
+      variables: its weights (replicated over the run's mesh once loaded).
+      scale, shift: float32 ``[c]``.
+    """
+
+    vae: AutoencoderKL
+    variables: Any
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @functools.cached_property
+    def decode(self):
+        """``decode(variables, z) -> images`` in [-1, 1] (NHWC float32) of model-space
+        latents ``z``: ``vae.decode(z / scale + shift)``; one function object, so the
+        compiled decoder is reused (the weights stay a traced argument)."""
+        scale, shift = jnp.asarray(self.scale), jnp.asarray(self.shift)
+        return lambda variables, z: self.vae.apply(variables, z / scale + shift, method="decode")
+
+
+def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSpace:
+    """The :class:`LatentSpace` of ``config.latent``, its weights replicated over ``mesh``."""
+    vae = make_vae(config)
+    c = vae.latent_channels
+    variables = jax.device_put(load_weights(config.latent.vae, vae), replicated(mesh))
+    return LatentSpace(vae, variables, channel_values(config.latent.scale, c, "scale"),
+                       channel_values(config.latent.shift, c, "shift"))
+
+
+def sample_latents(moments: jax.Array, key: jax.Array, scale: np.ndarray,
+                   shift: np.ndarray) -> jax.Array:
+    """A fresh scaled latent per example: ``scale * (mean + exp(logvar/2) eps - shift)``.
+
+    Args:
+      moments: ``[B, h, w, 2c]``, ``mean`` then ``logvar`` on the last axis.
+      key: PRNG key of the draw.
+      scale, shift: ``[c]``.
+    """
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    return jnp.asarray(scale) * (sample_latent(key, mean, logvar) - jnp.asarray(shift))
+
+
+def make_to_x0(config: ml_collections.ConfigDict, channels: int):
+    """The train step's ``to_x0(batch_data, key) -> x0``: uint8 images to [-1, 1], or for a
+    latent run (``channels`` latent channels) :func:`sample_latents` of the moments."""
+    if not enabled(config):
+        return lambda images, key: to_model_space(images)
+    scale, shift = (channel_values(config.latent[k], channels, k) for k in ("scale", "shift"))
+    return lambda moments, key: sample_latents(moments, key, scale, shift)
