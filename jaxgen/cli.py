@@ -20,10 +20,12 @@ def cpu_device_per_core() -> None:
     per device). Does nothing when the device count is already chosen
     (``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``, or
     ``JAX_NUM_CPU_DEVICES``) or JAX has started; a GPU or TPU, when present,
-    stays the default backend.
+    stays the default backend. The devices' collectives are made patient
+    (:func:`patient_cpu_collectives`).
     """
     import jax
 
+    patient_cpu_collectives()
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
     if os.environ.get("JAX_NUM_CPU_DEVICES"):
@@ -32,6 +34,34 @@ def cpu_device_per_core() -> None:
         jax.config.update("jax_num_cpu_devices", min(16, len(os.sched_getaffinity(0))))
     except RuntimeError:  # the backends are up already (e.g. called from a running program)
         pass
+
+
+CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+CPU_COLLECTIVE_TIMEOUT_S = 3600
+
+
+def patient_cpu_collectives() -> None:
+    """Let XLA's CPU collectives wait an hour, not a minute, for a late device thread.
+
+    With several CPU devices, every all-reduce is a rendezvous of one thread per
+    device, and XLA aborts the whole process (``Termination timeout for `all
+    reduce ...` of 40 seconds exceeded``, exit 134) when one thread arrives about
+    a minute late. On a busy machine that happens to healthy runs: a training
+    run on the 2-core CPU at load average 10-15 was killed so, twice, with its
+    checkpoints intact but its progress since the last one lost. This adds
+    ``--xla_cpu_collective_call_terminate_timeout_seconds=3600`` to ``XLA_FLAGS``
+    (read when JAX starts its CPU backend) unless the flag is set already; a true
+    deadlock still ends, after an hour. It does not affect GPU or TPU backends.
+    Older jaxlibs, whose XLA refuses the unknown flag at start-up, are left as
+    they are (the flag is known to jaxlib 0.10, checked; earlier ones unchecked).
+    """
+    from importlib.metadata import version
+
+    major, minor = (int(v) for v in version("jaxlib").split(".")[:2])
+    flags = os.environ.get("XLA_FLAGS", "")
+    if (major, minor) >= (0, 10) and CPU_COLLECTIVE_TIMEOUT_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} {CPU_COLLECTIVE_TIMEOUT_FLAG}={CPU_COLLECTIVE_TIMEOUT_S}".strip())
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:

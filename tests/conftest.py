@@ -1,15 +1,17 @@
 """Shared test set-up: 8 simulated CPU devices, so sharding is exercised everywhere."""
 
+import glob
 import os
+from pathlib import Path
+
+import pytest
+
+from jaxgen.cli import patient_cpu_collectives  # imports no JAX
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import glob
-from pathlib import Path
-
-import pytest
+patient_cpu_collectives()  # a busy CI machine must not abort an all-reduce of 8 devices
 
 
 @pytest.fixture(scope="session")
