@@ -12,40 +12,20 @@ to 0.72M parameters (136 MFLOP per forward pass), native 28x28 (28 -> 14 -> 7, a
 
 Expected on a 2-core CPU: garments recognisable in the 8x8 grid
 (``runs/fm/samples/``) after ~10 minutes of training; FID figures in
-BENCHMARKS.md. Built on :mod:`jaxgen.configs.base`, like every recipe.
+BENCHMARKS.md. Built on :mod:`jaxgen.configs._fashion_mnist` (the toy recipes' shared fields).
 """
 
 import ml_collections
 
-from jaxgen.configs import base
+from jaxgen.configs import _fashion_mnist
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The base with the toy recipe's fields: small batches, short cadence, fast EMA."""
-    c = base.get_config()
-    c.data.source = "fashion_mnist:train"
-    c.data.batch_size = 32
+    """The toy recipes' fields (:mod:`jaxgen.configs._fashion_mnist`) with a small U-Net."""
+    c = _fashion_mnist.get_config()
     c.model.name = "unet-small"
     c.model.kwargs = ml_collections.ConfigDict(dict(
         ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attention_levels=(2,), head_channels=32,
         num_groups=8, dropout=0.0, num_classes=10, class_dropout=0.1,
     ))
-    c.diffusion.process = "flow"
-    c.diffusion.process_kwargs = ml_collections.ConfigDict(dict(path="linear"))
-    c.diffusion.prediction = "velocity"
-    c.diffusion.time_sampler = "logit_normal"
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 100
-    c.optim.b2 = 0.99
-    c.optim.grad_clip = 1.0
-    c.train.num_steps = 1_000_000  # in practice bounded by --config.train.minutes
-    c.train.ema_decays = (0.999,)
-    c.train.ema_warmup = True
-    c.checkpoint.every_steps = 1000
-    c.eval.every_steps = 5000
-    c.eval.at_minutes = (10.0, 30.0, 60.0)
-    c.eval.solver = "euler"
-    c.eval.steps = 20
-    c.eval.fid_samples = 1000
-    c.eval.fid_reference = "fashion_mnist:test"
     return c

@@ -21,7 +21,7 @@ teacher's network has another parametrisation).
 
 A resumed run loads the teacher again from the folder its config names.
 Figures (FID of 1-, 2- and 4-step students against the teacher's Euler
-samples) are in BENCHMARKS.md. Built on :mod:`jaxgen.configs.base`.
+samples) are in BENCHMARKS.md. Built on :mod:`jaxgen.configs.fashion_mnist_ct`.
 """
 
 import ml_collections

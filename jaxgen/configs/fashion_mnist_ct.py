@@ -20,19 +20,17 @@ steps (not 400k), Adam at 2e-4 (not RAdam at 1e-4 on batch 1024).
 resumes (``train.minutes`` can, and stops the curriculum early). The in-loop
 grids and FIDs are 2-step samples (``eval.steps`` is the number of network
 evaluations); figures for the few-step students are in BENCHMARKS.md. Built on
-:mod:`jaxgen.configs.base`, like every recipe.
+:mod:`jaxgen.configs._fashion_mnist` (the toy recipes' shared fields).
 """
 
 import ml_collections
 
-from jaxgen.configs import base
+from jaxgen.configs import _fashion_mnist
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The base with iCT's fields at toy size."""
-    c = base.get_config()
-    c.data.source = "fashion_mnist:train"
-    c.data.batch_size = 32
+    """The toy recipes' fields with iCT's objective."""
+    c = _fashion_mnist.get_config()
     c.model.name = "unet-small"
     c.model.kwargs = ml_collections.ConfigDict(dict(
         ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attention_levels=(2,), head_channels=32,
@@ -45,17 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.time_sampler = "lognormal"  # unused: iCT draws its levels from its own grid
     c.diffusion.loss = "ict"
     c.optim.lr = 2e-4
-    c.optim.warmup_steps = 100
-    c.optim.b2 = 0.99
-    c.optim.grad_clip = 1.0
     c.train.num_steps = 10_000  # the curriculum's length K
-    c.train.ema_decays = (0.999,)
-    c.train.ema_warmup = True
-    c.checkpoint.every_steps = 1000
-    c.eval.every_steps = 5000
     c.eval.at_minutes = (10.0, 30.0)
     c.eval.solver = "euler"  # unused: a consistency model takes eval.steps evaluations
     c.eval.steps = 2
-    c.eval.fid_samples = 1000
-    c.eval.fid_reference = "fashion_mnist:test"
     return c

@@ -22,12 +22,12 @@ blurry but recognisable garments in the grid after 8 minutes of training.
 
 import ml_collections
 
-from jaxgen.configs import base
+from jaxgen.configs import _fashion_mnist
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The base with a latent DiT on Fashion-MNIST latents of the small autoencoder."""
-    c = base.get_config()
+    """A latent DiT on Fashion-MNIST latents of the small autoencoder."""
+    c = _fashion_mnist.get_config()
     c.data.source = "runs/fml/latents"  # python -m jaxgen.encode (above)
     c.data.resolution = 28  # of the images; the model sees 7x7x4 latents
     c.data.batch_size = 64
@@ -39,22 +39,6 @@ def get_config() -> ml_collections.ConfigDict:
         patch=1, hidden=128, depth=6, num_heads=4, num_classes=10, class_dropout=0.1,
         learn_sigma=False,
     ))
-    c.diffusion.process = "flow"
-    c.diffusion.process_kwargs = ml_collections.ConfigDict(dict(path="linear"))
-    c.diffusion.prediction = "velocity"
-    c.diffusion.time_sampler = "logit_normal"
     c.optim.lr = 3e-4
-    c.optim.warmup_steps = 100
-    c.optim.b2 = 0.99
-    c.optim.grad_clip = 1.0
-    c.train.num_steps = 1_000_000  # in practice bounded by --config.train.minutes
-    c.train.ema_decays = (0.999,)
-    c.train.ema_warmup = True
-    c.checkpoint.every_steps = 1000
-    c.eval.every_steps = 5000
     c.eval.at_minutes = (10.0, 30.0)
-    c.eval.solver = "euler"
-    c.eval.steps = 20
-    c.eval.fid_samples = 1000
-    c.eval.fid_reference = "fashion_mnist:test"
     return c

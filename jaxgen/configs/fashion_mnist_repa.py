@@ -16,38 +16,18 @@ every training image, which dominates a CPU step; Inception weights come with
 
 import ml_collections
 
-from jaxgen.configs import base
+from jaxgen.configs import _fashion_mnist
 
 
 def get_config() -> ml_collections.ConfigDict:
     """A 6-block DiT on Fashion-MNIST with REPA on Inception's mixed_6/conv."""
-    c = base.get_config()
-    c.data.source = "fashion_mnist:train"
-    c.data.batch_size = 32
+    c = _fashion_mnist.get_config()
     c.model.name = "DiT-S/4"
     c.model.kwargs = ml_collections.ConfigDict(dict(
         hidden=192, depth=6, num_heads=3, num_classes=10, class_dropout=0.1, learn_sigma=False,
     ))
-    c.diffusion.process = "flow"
-    c.diffusion.process_kwargs = ml_collections.ConfigDict(dict(path="linear"))
-    c.diffusion.prediction = "velocity"
-    c.diffusion.time_sampler = "logit_normal"
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 100
-    c.optim.b2 = 0.99
-    c.optim.grad_clip = 1.0
-    c.train.num_steps = 1_000_000  # in practice bounded by --config.train.minutes
-    c.train.ema_decays = (0.999,)
-    c.train.ema_warmup = True
     c.train.repa.encoder = "inception"
     c.train.repa.depth = 2
     c.train.repa["lambda"] = 0.5
     c.train.repa.projector_dim = 512
-    c.checkpoint.every_steps = 1000
-    c.eval.every_steps = 5000
-    c.eval.at_minutes = (10.0, 30.0, 60.0)
-    c.eval.solver = "euler"
-    c.eval.steps = 20
-    c.eval.fid_samples = 1000
-    c.eval.fid_reference = "fashion_mnist:test"
     return c
