@@ -33,13 +33,16 @@ def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
                PYTHONPATH=os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
+    # Output to files, not pipes: a process whose pipe fills up (XLA prints long stack
+    # dumps when a collective waits on a loaded machine) blocks, and its peer fails.
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", str(port),
                                str(tmp_path / f"p{i}.npz")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-3000:]
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+             for i, log in enumerate(logs)]
+    for p, log in zip(procs, logs, strict=True):
+        p.wait(timeout=300)
+        assert p.returncode == 0, log.read_text()[-3000:]
 
     images = np.random.default_rng(0).integers(0, 256, (13, 9, 7, 3), dtype=np.uint8)
     one = featurize(EvalInput("x", source=ArraySource(images, "x")),

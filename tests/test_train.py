@@ -255,16 +255,17 @@ def test_two_processes_match_one_process(data_file, straight, tmp_path):
     out = tmp_path / "params.npz"
     code = _WORKER.format(repo=str(repo), tests=str(repo / "tests"), data=data_file,
                           workdir=str(tmp_path / "run"), out=str(out))
-    procs = []
+    procs, logs = [], [tmp_path / f"process{i}.log" for i in range(2)]
     for i in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    JAX_PLATFORMS="cpu", JAXGEN_COORDINATOR=f"localhost:{port}",
                    JAXGEN_NUM_PROCESSES="2", JAXGEN_PROCESS_ID=str(i))
+        # Output to files: a full pipe would block one process and fail its peer.
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=repo,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = [p.communicate(timeout=600)[0].decode() for p in procs]
+                                      stdout=logs[i].open("w"), stderr=subprocess.STDOUT))
     for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+        p.wait(timeout=600)
+        assert p.returncode == 0, log.read_text()[-3000:]
     got = np.load(out)
     want = leaves(straight[0])
     assert len(got.files) == len(want)
