@@ -36,10 +36,12 @@ def test_two_processes_match_one(tmp_path):
     # Output to files, not pipes: a process whose pipe fills up (XLA prints long stack
     # dumps when a collective waits on a loaded machine) blocks, and its peer fails.
     logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    # String-hash seeds under which a set of {"pool3", "logits"} iterates in opposite
+    # orders: every process must still run its collectives in one order.
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", str(port),
-                               str(tmp_path / f"p{i}.npz")], env=env,
+                               str(tmp_path / f"p{i}.npz")], env=dict(env, PYTHONHASHSEED=seed),
                               stdout=log.open("w"), stderr=subprocess.STDOUT)
-             for i, log in enumerate(logs)]
+             for i, (log, seed) in enumerate(zip(logs, ("0", "1"), strict=True))]
     for p, log in zip(procs, logs, strict=True):
         p.wait(timeout=300)
         assert p.returncode == 0, log.read_text()[-3000:]

@@ -56,7 +56,9 @@ def feature_pass(
     (local_batch,) = batches
     n, pid, count = len(source), jax.process_index(), jax.process_count()
     acc = {k: MomentAccumulator() for k in stats}
-    rows: dict[str, list[np.ndarray]] = {k: [] for k in keep}
+    # Sorted: every process must gather the outputs in one order, and a set's order
+    # follows the process's string-hash seed (two processes gathered pool3 against logits).
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in sorted(keep)}
     bar = tqdm(total=n, desc=f"features {name}", unit="img", file=sys.stderr,
                disable=not progress or pid != 0, leave=False)
     steps = 0
