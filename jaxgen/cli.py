@@ -52,14 +52,15 @@ def patient_cpu_collectives() -> None:
     ``--xla_cpu_collective_call_terminate_timeout_seconds=3600`` to ``XLA_FLAGS``
     (read when JAX starts its CPU backend) unless the flag is set already; a true
     deadlock still ends, after an hour. It does not affect GPU or TPU backends.
-    Older jaxlibs, whose XLA refuses the unknown flag at start-up, are left as
-    they are (the flag is known to jaxlib 0.10, checked; earlier ones unchecked).
+    Only jaxlib 0.10.x, where the flag was checked, gets it: XLA aborts at
+    start-up on a flag it does not know, so other versions keep XLA's default
+    until they are checked.
     """
     from importlib.metadata import version
 
     major, minor = (int(v) for v in version("jaxlib").split(".")[:2])
     flags = os.environ.get("XLA_FLAGS", "")
-    if (major, minor) >= (0, 10) and CPU_COLLECTIVE_TIMEOUT_FLAG not in flags:
+    if (major, minor) == (0, 10) and CPU_COLLECTIVE_TIMEOUT_FLAG not in flags:
         os.environ["XLA_FLAGS"] = (
             f"{flags} {CPU_COLLECTIVE_TIMEOUT_FLAG}={CPU_COLLECTIVE_TIMEOUT_S}".strip())
 
