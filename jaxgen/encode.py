@@ -3,20 +3,25 @@
     python -m jaxgen.encode tfds:imagenet2012:train latents/in256 \\
         --vae sd-vae-ft-ema/ --vae-model vae-sd --resolution 256
 
+EDM2's latents are of images in [0, 1] with a per-channel normalisation:
+``--unit-range --scale S1,S2,S3,S4 --shift M1,M2,M3,M4`` (one number per latent
+channel; the command with the official values is in ``jaxgen/configs/_edm2.py``).
+
 Images are prepared as ADM and DiT prepare them (``center_crop_arr``: halve
 with a BOX filter while the short side is at least twice the resolution,
 BICUBIC-resize the short side to it, crop the centre), encoded with their
 horizontal mirrors in batches split over this host's devices, and the
 posterior ``mean`` and ``logvar`` stored in the folder OUT (layout in
-:mod:`jaxgen.data.sources.latents`), with the labels. Train on OUT with
+:mod:`jaxgen.data.sources.latents`; ``--dtype float16`` halves its size,
+rounding the moments to float16), with the labels. Train on OUT with
 ``config.latent`` set (:mod:`jaxgen.train.latent`). Gray images are repeated
 to three channels for a colour VAE.
 
 OUT grows batch by batch with a progress record replaced atomically after
 each; an interrupted run continues where it stopped when the same command is
 run again. OUT is never overwritten: an OUT made from other inputs (another
-source, resolution, VAE file or model, scale or shift) is refused, a finished
-one left as it is.
+source, resolution, VAE file or model, scale, shift, pixel range or dtype) is
+refused, a finished one left as it is.
 """
 
 from __future__ import annotations
@@ -43,8 +48,22 @@ from jaxgen.data.sources.latents import (
 from jaxgen.errors import InputError
 from jaxgen.files import check_outputs, check_writable, open_atomic
 
-INPUT_KEYS = ("source", "resolution", "vae", "vae_model", "scale", "shift")
+INPUT_KEYS = ("source", "resolution", "vae", "vae_model", "scale", "shift", "unit_range",
+              "dtype")
 """The fields of ``meta.json`` that say what a dataset was made from (a rerun must match)."""
+ADDED_KEYS = {"unit_range": False, "dtype": "float32"}
+"""Input keys that datasets written before them lack, with the value they then had."""
+
+
+def numbers(text: str) -> float | list[float]:
+    """A ``--scale``/``--shift`` value: one number, or comma-separated ones per latent channel."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number or comma-separated numbers, one per latent channel"
+        ) from None
+    return values[0] if len(values) == 1 else values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,23 +75,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae", required=True, help="the VAE's weight file or diffusers folder")
     p.add_argument("--vae-model", default="vae-sd", help="a jaxgen.models vae-* name")
     p.add_argument("--resolution", type=int, required=True, help="image side after cropping")
-    p.add_argument("--scale", type=float, default=None,
-                   help="latent scale the diffusion model trains with (default: the VAE's)")
-    p.add_argument("--shift", type=float, default=0.0, help="z = scale * (x - shift)")
+    p.add_argument("--scale", type=numbers, default=None,
+                   help="latent scale the diffusion model trains with (default: the VAE's); "
+                        "a number or one per latent channel, comma-separated")
+    p.add_argument("--shift", type=numbers, default=0.0,
+                   help="z = scale * (x - shift); a number or one per latent channel")
+    p.add_argument("--unit-range", action="store_true",
+                   help="feed the VAE images in [0, 1] (EDM2), not [-1, 1] (LDM, DiT)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of the moments (float16: half the size; read as float32)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (x2 with mirrors)")
     p.add_argument("--labels-from-folders", action="store_true",
                    help="for an image folder: label images by top-level subfolder")
     return p.parse_args(argv)
 
 
-def prepare_images(images: np.ndarray, in_channels: int, name: str) -> np.ndarray:
-    """uint8 NHWC images to float32 [-1, 1] with ``in_channels`` channels (gray repeated)."""
+def prepare_images(images: np.ndarray, in_channels: int, name: str,
+                   unit_range: bool = False) -> np.ndarray:
+    """uint8 NHWC images to float32 [-1, 1], or [0, 1] (``x / 255``, as EDM2's
+    ``StabilityVAEEncoder.encode_pixels``) when ``unit_range``, with ``in_channels``
+    channels (gray repeated)."""
     c = images.shape[-1]
     if c != in_channels:
         if c != 1:
             raise InputError(f"{name}: {c}-channel images for a VAE of {in_channels} channels.")
         images = np.repeat(images, in_channels, axis=-1)
-    return images.astype(np.float32) / 127.5 - 1.0
+    x = images.astype(np.float32)
+    return x / 255 if unit_range else x / 127.5 - 1.0
 
 
 def _check_existing(out: Path, inputs: dict) -> int | None:
@@ -86,7 +115,7 @@ def _check_existing(out: Path, inputs: dict) -> int | None:
             raise InputError(f"{out}: a folder with other files in it; give a new or empty "
                              "folder.")
         return None
-    meta = read_meta(out)
+    meta = {**ADDED_KEYS, **read_meta(out)}
     for key in INPUT_KEYS:
         if meta.get(key) != inputs[key]:
             raise InputError(f"{out / META}: made with {key}={meta.get(key)!r}, not "
@@ -114,7 +143,9 @@ def encode_dataset(
       vae: an :class:`jaxgen.models.AutoencoderKL`.
       variables: its weights.
       inputs: what the dataset is made from, recorded in ``meta.json``: the
-        :data:`INPUT_KEYS` (``vae`` is a :func:`weights_identity`).
+        :data:`INPUT_KEYS` (``vae`` is a :func:`weights_identity`; ``unit_range``
+        feeds the VAE images in [0, 1]; ``dtype`` ``"float32"`` or ``"float16"`` is
+        the moments' storage).
       batch_size: images per batch (each is encoded with its mirror).
       progress: show a progress bar.
 
@@ -146,7 +177,8 @@ def encode_dataset(
         labels = source.labels
         meta = dict(format=FORMAT, **inputs, count=n, latent_shape=list(shape),
                     labels=labels is not None)
-        np.lib.format.open_memmap(out / MOMENTS, "w+", np.float32, (n, 2, *shape[:2], 2 * lc))
+        np.lib.format.open_memmap(out / MOMENTS, "w+", np.dtype(inputs["dtype"]),
+                                  (n, 2, *shape[:2], 2 * lc))
         if labels is not None:
             np.save(out / LABELS, np.asarray(labels, np.int32))
         _write_json(out / PROGRESS, {"done": 0})
@@ -162,11 +194,12 @@ def encode_dataset(
         bar = tqdm(total=n, initial=done, unit="img", disable=not progress, file=sys.stderr)
         for start in range(done, n, batch_size):
             stop = min(start + batch_size, n)
-            x = prepare_images(source.read(np.arange(start, stop)), vae.in_channels, source.name)
+            x = prepare_images(source.read(np.arange(start, stop)), vae.in_channels, source.name,
+                               inputs["unit_range"])
             x, rows = pad_batch(np.concatenate([x, x[:, :, ::-1]]), mesh.size)
             y = to_host(encode(params, jax.device_put(x, batch_sharding(mesh))))[:rows]
             k = stop - start
-            moments[start:stop] = np.stack([y[:k], y[k:]], axis=1)
+            moments[start:stop] = np.stack([y[:k], y[k:]], axis=1)  # rounded to the dtype
             moments.flush()
             _write_json(out / PROGRESS, {"done": stop})
             bar.update(k)
@@ -193,10 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.resolution % vae.factor:
         raise InputError(f"--resolution {args.resolution}: must be a multiple of the VAE's "
                          f"factor {vae.factor}.")
+    from jaxgen.train.latent import channel_values
+
+    for flag in ("scale", "shift"):  # recorded as given; one number or one per channel
+        if getattr(args, flag) is not None:
+            channel_values(getattr(args, flag), vae.latent_channels, f"--{flag}")
     inputs = dict(source=args.source, resolution=args.resolution,
                   vae=weights_identity(args.vae), vae_model=args.vae_model,
                   scale=vae.scaling_factor if args.scale is None else args.scale,
-                  shift=args.shift)
+                  shift=args.shift, unit_range=args.unit_range, dtype=args.dtype)
     done = _check_existing(args.out, inputs)
     if done is not None and done == read_meta(args.out)["count"]:
         print(f"{args.out}: already finished, left as it is.")

@@ -414,10 +414,10 @@ def test_scd_has_zero_gradient_at_the_exact_consistency_function():
 def test_scm_loss_equals_a_float64_transcription_of_algorithm_1():
     params = _mlp(jax.random.key(28))
     x0 = jax.random.normal(jax.random.key(29), (4, 3)) * 0.5
-    logvar = lambda p, t: 0.3 * t - 0.1
+    with_logvar = lambda p, x_in, t, c: (mlp_raw(p, x_in, t, c), 0.3 * t - 0.1)
     key = jax.random.key(30)
     per_ex, _ = jax.jit(lambda p: S_.scm_loss(mlp_raw, p, x0, None, key, step=2500,
-                                              logvar_fn=logvar))(params)
+                                              raw_logvar_fn=with_logvar))(params)
     k_t, k_z = jax.random.split(key)
     tau = np.asarray(-1.0 + 1.4 * jax.random.normal(k_t, (4,)), np.float64)
     t = np.arctan(np.exp(tau) / 0.5)[:, None]

@@ -1,9 +1,11 @@
-"""python -m jaxgen.encode: ADM cropping, stored moments of each image and its mirror,
-resumption after an interruption, refusal to overwrite, the CLI's exit codes."""
+"""python -m jaxgen.encode: ADM cropping, stored moments of each image and its mirror (of
+[-1, 1] or EDM2's [0, 1] images; float32 or float16), resumption after an interruption,
+refusal to overwrite, the CLI's exit codes."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -54,16 +56,19 @@ def tiny_vae():
 def _inputs(**changes) -> dict:
     vae_id = {"name": "tiny.safetensors", "size": 1, "sha256": "0" * 64}
     return {**dict(source="tiny", resolution=8, vae=vae_id, vae_model="vae-small", scale=1.0,
-                   shift=0.0), **changes}
+                   shift=0.0, unit_range=False, dtype="float32"), **changes}
 
 
-def test_moments_are_the_vaes_of_each_image_and_its_mirror(tmp_path, tiny_vae):
+@pytest.mark.parametrize("unit_range", [False, True])
+def test_moments_are_the_vaes_of_each_image_and_its_mirror(tmp_path, tiny_vae, unit_range):
     vae, variables = tiny_vae
     images, labels = tiny_images(10)
     source = ArraySource(images, "tiny", labels)
-    data = encode.encode_dataset(source, tmp_path / "lat", vae, variables, inputs=_inputs(),
-                                 batch_size=4, progress=False)
-    x = images.astype(np.float32) / 127.5 - 1
+    data = encode.encode_dataset(source, tmp_path / "lat", vae, variables,
+                                 inputs=_inputs(unit_range=unit_range), batch_size=4,
+                                 progress=False)
+    # DiT feeds the VAE x / 127.5 - 1; EDM2's StabilityVAEEncoder.encode_pixels x / 255
+    x = images.astype(np.float32) / 255 if unit_range else images.astype(np.float32) / 127.5 - 1
     for view, xs in enumerate([x, x[:, :, ::-1]]):
         mean, logvar = jax.jit(lambda v, x: vae.apply(v, x, method="encode"))(variables, xs)
         got = data.read_flipped(np.arange(10), np.full(10, bool(view)))[0]
@@ -74,6 +79,44 @@ def test_moments_are_the_vaes_of_each_image_and_its_mirror(tmp_path, tiny_vae):
     assert meta["count"] == 10 and meta["latent_shape"] == [4, 4, 2] and meta["labels"]
     # open_source recognises the folder
     assert isinstance(open_source(str(tmp_path / "lat")), LatentSource)
+
+
+def test_float16_moments_are_the_float32_ones_rounded_at_half_the_size(tmp_path, tiny_vae):
+    vae, variables = tiny_vae
+    images, labels = tiny_images(10)
+    source = ArraySource(images, "tiny", labels)
+    wide, half = (encode.encode_dataset(source, tmp_path / d, vae, variables,
+                                        inputs=_inputs(dtype=d), batch_size=4, progress=False)
+                  for d in ("float32", "float16"))
+    m32, m16 = (np.load(tmp_path / d / "moments.npy", mmap_mode="r")
+                for d in ("float32", "float16"))
+    assert m16.dtype == np.float16 and m16.shape == m32.shape == (10, 2, 4, 4, 4)
+    data_bytes = lambda m: Path(m.filename).stat().st_size - m.offset  # past the header
+    assert data_bytes(m16) * 2 == data_bytes(m32) == 10 * 2 * 4 * 4 * 4 * 4
+    np.testing.assert_array_equal(m16, m32.astype(np.float16))  # one rounding of each value
+    assert json.loads((tmp_path / "float16" / "meta.json").read_text())["dtype"] == "float16"
+    idx, flips = np.arange(10), np.arange(10) % 2 == 1
+    got = half.read_flipped(idx, flips)[0]
+    assert got.dtype == np.float32  # read, and computed on, in float32: widened exactly
+    np.testing.assert_array_equal(got, wide.read_flipped(idx, flips)[0].astype(np.float16))
+
+
+def test_a_dataset_written_before_dtype_and_unit_range_reads_and_resumes(tmp_path, tiny_vae):
+    vae, variables = tiny_vae
+    images, labels = tiny_images(4)
+    source = ArraySource(images, "tiny", labels)
+    encode.encode_dataset(source, tmp_path / "lat", vae, variables, inputs=_inputs(),
+                          progress=False)
+    meta_path = tmp_path / "lat" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["dtype"], meta["unit_range"]  # as jaxgen wrote them before these keys
+    meta_path.write_text(json.dumps(meta))
+    again = encode.encode_dataset(source, tmp_path / "lat", vae, variables, inputs=_inputs(),
+                                  progress=False)  # the same inputs: finished, accepted
+    assert again.read_flipped(np.arange(4), np.zeros(4, bool))[0].dtype == np.float32
+    with pytest.raises(InputError, match=r"made with unit_range=False, not True"):
+        encode.encode_dataset(source, tmp_path / "lat", vae, variables,
+                              inputs=_inputs(unit_range=True), progress=False)
 
 
 class _Interrupting(ArraySource):
@@ -119,6 +162,9 @@ def test_a_dataset_of_other_inputs_or_a_foreign_folder_is_never_overwritten(tmp_
     with pytest.raises(InputError, match=r"meta.json: made with scale=1.0, not 0.5"):
         encode.encode_dataset(source, tmp_path / "lat", vae, variables,
                               inputs=_inputs(scale=0.5), progress=False)
+    with pytest.raises(InputError, match=r"meta.json: made with dtype='float32', not 'float16'"):
+        encode.encode_dataset(source, tmp_path / "lat", vae, variables,
+                              inputs=_inputs(dtype="float16"), progress=False)
     assert (tmp_path / "lat" / "moments.npy").read_bytes() == before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "mine.txt").write_text("keep")
@@ -142,6 +188,13 @@ def test_cli_encodes_and_reruns_as_a_no_op_and_wrong_weights_exit_2(tmp_path, da
     assert meta["count"] == 64 and meta["latent_shape"] == [2, 2, 4]
     assert encode.main(argv) == 0
     assert "already finished" in capsys.readouterr().out
+    edm2_like = [data_file, str(tmp_path / "lat16"), *argv[2:], "--unit-range", "--dtype",
+                 "float16", "--scale", "0.5,0.25,1,2", "--shift", "1,-2,0.5,0"]
+    assert encode.main(edm2_like) == 0
+    meta = json.loads((tmp_path / "lat16" / "meta.json").read_text())
+    assert (meta["scale"], meta["shift"]) == ([0.5, 0.25, 1, 2], [1, -2, 0.5, 0])
+    assert meta["unit_range"] and meta["dtype"] == "float16"
+    assert np.load(tmp_path / "lat16" / "moments.npy").dtype == np.float16
     small, small_vars = tiny_vae
     wrong = tmp_path / "tiny.safetensors"
     safetensors.numpy.save_file(export_weights(small_vars, small), str(wrong))
@@ -152,3 +205,9 @@ def test_cli_encodes_and_reruns_as_a_no_op_and_wrong_weights_exit_2(tmp_path, da
                               "--vae-model", "vae-small", "--resolution", "8"])
     assert e.value.code == 2
     assert not (tmp_path / "lat2").exists()
+    with pytest.raises(SystemExit) as e:  # 3 scales for a VAE of 4 latent channels
+        cli.run(encode.main, [*edm2_like[:1], str(tmp_path / "lat3"), *edm2_like[2:-4],
+                              "--scale", "0.5,0.25,1"])
+    assert e.value.code == 2 and not (tmp_path / "lat3").exists()
+    assert "--scale=[0.5, 0.25, 1.0]: 3 values for a VAE of 4 latent channels" in \
+        capsys.readouterr().err

@@ -20,7 +20,8 @@ DEVICES = "--xla_force_host_platform_device_count=2"
 
 def test_committed_notebooks_are_stripped():
     paths = sorted(NOTEBOOKS.glob("*.ipynb"))
-    assert {p.name for p in paths} >= {"quickstart.ipynb", "samplers_and_metrics.ipynb"}
+    assert {p.name for p in paths} >= {"quickstart.ipynb", "samplers_and_metrics.ipynb",
+                                      "few_step.ipynb"}
     for path in paths:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
@@ -109,3 +110,19 @@ def test_samplers_and_metrics(tmp_path, monkeypatch, xla_cache):
     for p, r, _, c in rows:
         assert all(0 <= float(v) <= 1 for v in (p, r, c))
     assert count_images(nb) == 4  # FID vs NFE, FID vs scale, guided grids, P/R + D/C
+
+
+@pytest.mark.slow
+def test_few_step(tmp_path, monkeypatch, xla_cache):
+    nb, out = execute("few_step.ipynb", tmp_path, monkeypatch, xla_cache)
+    assert "no checkpoint, training a tiny teacher first" in out  # nothing given: trains one
+    assert re.search(r"teacher \S+, step 100 \(0\.\d+ weights\): unet-small, Flow", out)
+    assert re.search(r"student \S+-cd: 60 updates", out)
+    fids = {name: (float(value), int(evals)) for name, value, evals in re.findall(
+        r"FID (\w+ \w+ \d+): ([\d.]+) \((\d+) network evaluations, 32 samples vs 64 images",
+        out)}
+    assert {name: evals for name, (_, evals) in fids.items()} == {
+        "teacher Euler 1": 1, "teacher Euler 2": 2, "teacher Euler 4": 4, "teacher Euler 20": 20,
+        "student CD 1": 1, "student CD 2": 2, "student CD 4": 4}
+    assert all(math.isfinite(f) and f > 0 for f, _ in fids.values())
+    assert count_images(nb) == 2  # the teacher's grids, the student's grids

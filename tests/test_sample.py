@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A 2-step tiny run of the default recipe's structure."""
+    """A 2-step tiny run of the default recipe's structure. Two full-size steps (lr 0.05, no
+    warmup) move the zero-initialised output layers and attention projections enough that
+    its raw parameters' samples depend on the deep features, the label and the attention
+    (at lr 1e-3 they are one flat image to the uint8 level)."""
     root = tmp_path_factory.mktemp("sample")
     images, labels = tiny_images()
     np.savez(root / "tiny.npz", arr_0=images, arr_1=labels)
-    train_and_evaluate(tiny_config(str(root / "tiny.npz"), **{"train.num_steps": 2}),
-                       str(root / "run"))
+    overrides = {"train.num_steps": 2, "optim.lr": 0.05, "optim.warmup_steps": 0}
+    train_and_evaluate(tiny_config(str(root / "tiny.npz"), **overrides), str(root / "run"))
     return root / "run"
 
 
@@ -62,6 +67,94 @@ def test_sample_errors(run_dir, tmp_path):
     for bad in ("0.5", "best"):  # a decay the run does not keep; not a decay at all
         with pytest.raises(InputError, match=f"ema='{bad}': the run keeps EMAs with decays"):
             sample.main(["--workdir", str(run_dir), "--ema", bad, "--out", str(tmp_path / "x.npz")])
+
+
+def _samples(run_dir: Path, out: Path, *flags: str) -> np.ndarray:
+    """``--num 4`` Euler samples of the run's raw parameters, 3 steps, with ``flags``."""
+    argv = ["--workdir", str(run_dir), "--num", "4", "--steps", "3", "--ema", "params",
+            "--out", str(out), *flags]
+    assert sample.main(argv) == 0
+    return np.load(out)["arr_0"].astype(np.int64)
+
+
+def test_sample_cache_interval_flag(run_dir, tmp_path):
+    plain = _samples(run_dir, tmp_path / "plain.npz")
+    assert plain.std() > 5  # not one flat image: the comparisons below can fail
+    # Interval 1 refreshes the cache at every evaluation: uncached sampling, bit for bit.
+    np.testing.assert_array_equal(_samples(run_dir, tmp_path / "c1.npz", "--cache-interval",
+                                           "1"), plain)
+    # Interval 2: evaluation 2 (of 3) reuses the deep features of evaluation 1.
+    assert np.abs(_samples(run_dir, tmp_path / "c2.npz", "--cache-interval", "2") - plain
+                  ).max() > 2
+
+
+def test_sample_pag_scale_flag(run_dir, tmp_path):
+    plain = _samples(run_dir, tmp_path / "plain.npz")
+    # PAG at scale 0 compiles no perturbed pass (and --cfg-scale 1 is no guidance).
+    np.testing.assert_array_equal(
+        _samples(run_dir, tmp_path / "p0.npz", "--pag-scale", "0", "--cfg-scale", "1"), plain)
+    # PAG moves the samples (the U-Net's middle attention is perturbed).
+    assert np.abs(_samples(run_dir, tmp_path / "p1.npz", "--pag-scale", "2") - plain).max() > 2
+
+
+def test_sample_guidance_variant_flags_reach_guidance(run_dir, tmp_path):
+    # A large weight: two training steps leave the label a small effect (3 levels at w = 3).
+    cfg = _samples(run_dir, tmp_path / "cfg.npz", "--cfg-scale", "20")
+    # APG without a norm cap or momentum and with the parallel part kept (eta = 1) is CFG on
+    # x0 (Sadat et al. 2024, Sec. 4); it derives eps from x0 where CFG extrapolates eps, the
+    # same number in exact arithmetic: float32 rounding moves a value by at most one level.
+    apg = _samples(run_dir, tmp_path / "apg.npz", "--cfg-scale", "20", "--cfg-method", "apg",
+                   "--apg-eta", "1")
+    assert np.abs(apg - cfg).max() <= 1
+    # The default eta = 0 drops the update's part parallel to D_cond: more than rounding
+    # moves (4 levels, in 91 of 256 pixels, when written).
+    apg0 = _samples(run_dir, tmp_path / "apg0.npz", "--cfg-scale", "20", "--cfg-method", "apg")
+    assert np.abs(apg0 - cfg).max() > 1 and np.sum(apg0 != cfg) > 20
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cache-interval", "0"], "--cache-interval 0: must be a positive integer"),
+    (["--cfg-method", "apg"], "--cfg-method apg needs --cfg-scale W"),
+    (["--cfg-method", "cfg++"], "--cfg-method cfg\\+\\+ needs --cfg-scale W"),
+    (["--cfg-method", "pcg", "--cfg-scale", "2"], "method='pcg': use one of cfg, cfg\\+\\+, apg"),
+    (["--cfg-scale", "2", "--apg-eta", "1"], "--apg-eta is an option of --cfg-method apg"),
+    (["--guidance-interval", "0.1", "1"], "--guidance-interval shapes guidance, and there is "
+                                          "none"),
+    (["--cfg-scale", "2", "--guidance-interval", "1", "0.5"], "interval=\\(1.0, 0.5\\): need"),
+    (["--cfg-scale", "2", "--cfg-method", "apg", "--apg-momentum", "1"], "momentum in"),
+    (["--pag-scale", "nan"], "need a finite pag_scale"),
+])
+def test_sample_refuses_bad_guidance_and_cache_flags_before_loading(tmp_path, flags, message):
+    # The workdir does not exist: these are refused before anything is read.
+    argv = ["--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "x.npz"), *flags]
+    with pytest.raises(InputError, match=message) as e:
+        sample.main(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_sample_refuses_pag_on_a_model_without_the_switch(run_dir, tmp_path):
+    # The same weights, but PAG asked of an attention block this U-Net does not have.
+    shutil.copytree(run_dir, tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["model"]["kwargs"]["pag_layers"] = ["down0_attn0"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    argv = ["--workdir", str(tmp_path / "run"), "--num", "2", "--out", str(tmp_path / "x.npz")]
+    with pytest.raises(InputError, match="pag_scale needs a model that reads "
+                                         "cond\\['perturb_attention'\\].*down0_attn0") as e:
+        sample.main([*argv, "--pag-scale", "1"])
+    assert "\n" not in str(e.value) and not (tmp_path / "x.npz").exists()
+
+
+def test_sample_cli_bad_flag_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxgen.sample", "--workdir", str(tmp_path), "--cfg-method",
+         "cfg++", "--out", str(tmp_path / "x.npz")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --cfg-method cfg++ needs --cfg-scale W (its guidance weight; CFG++'s lambda, "
+        "usually in [0, 1])."]
 
 
 def test_train_cli_dry_run():

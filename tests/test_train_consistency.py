@@ -8,21 +8,35 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from train_fixtures import assert_same, batch_of, setup_of, tiny_config
+from flax.traverse_util import flatten_dict
+from train_fixtures import assert_same, batch_of, leaves, setup_of, tiny_config
 
 from jaxgen import sample as sample_cli
-from jaxgen.diffusion import EDM
+from jaxgen.diffusion import EDM, Flow, TrigFlow
 from jaxgen.diffusion.consistency import cd_loss, ict_loss, ict_num_scales
+from jaxgen.diffusion.distillation import progressive_loss, progressive_times
+from jaxgen.diffusion.scm import scm_loss, teacher_velocity
 from jaxgen.errors import InputError
-from jaxgen.sampling import to_uint8
+from jaxgen.sampling import consistency_times, sample, to_uint8
 from jaxgen.sampling.teacher import solver_step
-from jaxgen.train import init_state, load_run, loop, make_train_step, train_and_evaluate
+from jaxgen.train import (
+    Checkpointer,
+    abstract_state,
+    init_state,
+    load_run,
+    loop,
+    make_train_step,
+    sample_images,
+    train_and_evaluate,
+)
 from jaxgen.train.consistency import check_teacher, with_teacher
 from jaxgen.train.workdir import config_differences
 
@@ -230,3 +244,360 @@ def test_train_cli_with_a_missing_teacher_exits_2_and_writes_nothing(data_file, 
     assert proc.returncode == 2, err
     assert err.startswith("error: ") and "\n" not in err and "config.json: not found" in err, err
     assert not workdir.exists()
+
+
+# ---------------------------------------------------------------- sCM in the trainer
+
+
+def scm_config(data_file: str, teacher: str | None = None, **overrides):
+    """The tiny U-Net as a TrigFlow model trained by sCM (no dropout, tangent warmup 0)."""
+    return tiny_config(data_file, **{
+        "diffusion.process": "trigflow",
+        "diffusion.process_kwargs": ml_collections.ConfigDict(),
+        "diffusion.precond": "trigflow",
+        "diffusion.prediction": "velocity",
+        "diffusion.time_scale": 1000.0,
+        "diffusion.loss": "scm",
+        "distill.teacher": teacher,
+        "distill.loss_kwargs": ml_collections.ConfigDict(dict(warmup_steps=0)),
+        "model.kwargs.dropout": 0.0,
+        "model.kwargs.class_dropout": 0.0,
+        **overrides,
+    })
+
+
+def pd_config(data_file: str, teacher: str, **overrides):
+    """The tiny flow U-Net (the teacher's recipe) distilled from 4 DDIM steps to 2."""
+    return tiny_config(data_file, **{
+        "diffusion.loss": "pd", "distill.teacher": teacher, "distill.teacher_steps": 4,
+        "model.kwargs.class_dropout": 0.0, **overrides})
+
+
+def _x0_cond(batch):
+    return jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1, {"label": batch["label"]}
+
+
+@pytest.mark.parametrize("distil", [False, True], ids=["sct", "scd"])
+def test_scm_loss_at_step_0_is_the_pure_loss_with_jvp_tangent(data_file, teacher_dir, distil):
+    config = scm_config(data_file, teacher_dir if distil else None)
+    parts = loop.build(config)[0]
+    parts = with_teacher(parts) if distil else parts
+    state = init_state(parts, 0)
+    batch = batch_of(parts)
+    _, metrics = make_train_step(parts)(init_state(parts, 0), batch)
+    teacher = load_run(teacher_dir)
+    k_loss, _ = jax.random.split(jax.random.fold_in(state.rng, 0))
+    x0, cond = _x0_cond(batch)
+    # F(x_in, t) of the paper: the trainer's TrigFlow model is sigma_d F(x_t / sigma_d, 1000 t).
+    raw = lambda p, x_in, t, c: parts.model_fn(p, 0.5 * x_in, t, c) / 0.5
+
+    def with_logvar(p, x_in, t, c):
+        v, u = parts.model_fn(p, 0.5 * x_in, t, c, return_logvar=True)
+        return v / 0.5, u
+
+    @jax.jit
+    def pure(teacher_params):
+        velocity = teacher_velocity(teacher.parts.model_fn, teacher_params, Flow(),
+                                    prediction="velocity") if distil else None
+        per_example, m = scm_loss(raw, state.params, x0, cond, k_loss, teacher=velocity,
+                                  step=0, warmup_steps=0, raw_logvar_fn=with_logvar)
+        return jnp.mean(per_example), m["tangent_norm"]
+
+    want, norm = pure(teacher.params)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["tangent_norm"]), float(norm), rtol=2e-5)
+    if distil:  # the teacher's weights make the tangent: the equality is the trainer reading them
+        other, _ = pure(jax.tree.map(lambda p: p + 0.1, teacher.params))
+        assert abs(float(other) - float(want)) > 1e-3 * float(want)
+
+
+def test_scm_adaptive_weight_head_sits_beside_the_unchanged_model(data_file):
+    parts = setup_of(scm_config(data_file, **{"optim.warmup_steps": 0}))
+    bare = setup_of(scm_config(data_file, **{"distill.adaptive_weight": False}))
+    state, plain = init_state(parts, 0), init_state(bare, 0)
+    flat = flatten_dict(state.params)
+    head = {k for k in flat if k[0] == "logvar_head"}
+    assert {k for k in flat if k not in head} == set(flatten_dict(plain.params))
+    x = jax.random.normal(jax.random.key(1), (8, 8, 8, 1))
+    t = jnp.linspace(0.1, 1.5, 8)
+    cond = {"label": jnp.arange(8, dtype=jnp.int32) % 4}
+    # The wrapper computes the bare model's output; the head starts at u = 0 (unit weight).
+    np.testing.assert_array_equal(parts.model_fn(state.params, x, t, cond),
+                                  bare.model_fn(plain.params, x, t, cond))
+    _, u = parts.model_fn(state.params, x, t, cond, return_logvar=True)
+    np.testing.assert_array_equal(u, np.zeros(8))
+    # d/du (e^-u mse + u) = 1 - mse != 0: the head learns from the first update.
+    new, _ = make_train_step(parts)(state, batch_of(parts))
+    moved = flatten_dict(new.params)[("logvar_head", "linear", "bias")]
+    assert float(jnp.abs(moved).max()) > 1e-5
+
+
+def test_scm_samples_at_the_papers_times(data_file, tmp_path):
+    workdir = tmp_path / "sct"
+    train_and_evaluate(scm_config(data_file, **{"train.num_steps": 2}), str(workdir))
+    big_t = float(np.arctan(80.0 / 0.5))
+    np.testing.assert_allclose(consistency_times(TrigFlow(0.5), 1), [big_t], rtol=1e-15)
+    np.testing.assert_allclose(consistency_times(TrigFlow(0.5), 2), [big_t, 1.1], rtol=1e-15)
+    assert np.all(np.diff(consistency_times(TrigFlow(0.5), 4)) < 0)
+    out = tmp_path / "s.npz"
+    assert sample_cli.main(["--workdir", str(workdir), "--steps", "1", "--num", "8",
+                            "--seed", "3", "--out", str(out)]) == 0
+    got = np.load(out)["arr_0"]
+    run = load_run(workdir)
+    key = jax.random.key_data(jax.random.key(3))
+    noise = [jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0), (8, 8, 1))
+             for i in range(8)]
+    x_T = 0.5 * np.sin(big_t) * jnp.stack(noise)
+    labels = {"label": jnp.arange(8, dtype=jnp.int32) % 4}
+    v = run.parts.model_fn(run.params, x_T, jnp.full((8,), big_t), labels)
+    f = np.cos(big_t) * x_T - np.sin(big_t) * v  # sCM's f = cos(t) x_t - sin(t) sigma_d F
+    want = np.asarray(to_uint8(f))
+    assert np.abs(got.astype(int) - want).max() <= 1  # compiled vs eager rounding
+    assert np.mean(got == want) > 0.99
+    for steps in (2, 4):
+        out_n = tmp_path / f"s{steps}.npz"
+        assert sample_cli.main(["--workdir", str(workdir), "--steps", str(steps), "--num", "8",
+                                "--seed", "3", "--out", str(out_n)]) == 0
+        assert np.mean(np.load(out_n)["arr_0"] != got) > 0.5
+
+
+@pytest.mark.slow
+def test_scd_resume_is_bit_exact(data_file, teacher_dir, tmp_path):
+    straight = train_and_evaluate(scm_config(data_file, teacher_dir), str(tmp_path / "a"))
+    train_and_evaluate(scm_config(data_file, teacher_dir, **{"train.num_steps": 2}),
+                       str(tmp_path / "b"))
+    resumed = train_and_evaluate(scm_config(data_file, teacher_dir), str(tmp_path / "b"))
+    assert int(resumed.step) == int(straight.step) == 4
+    for name in ("params", "ema", "opt_state"):
+        assert_same(getattr(resumed, name), getattr(straight, name))
+
+
+# ---------------------------------------------------------------- progressive distillation
+
+
+def test_pd_starts_from_the_teacher_and_its_loss_is_the_pure_loss(data_file, teacher_dir):
+    parts = with_teacher(loop.build(pd_config(data_file, teacher_dir,
+                                              **{"optim.warmup_steps": 0}))[0])
+    teacher = load_run(teacher_dir)  # its first EMA, the default weights
+    state = init_state(parts, 0)
+    assert_same(state.params, teacher.params)
+    assert_same(state.ema, {k: teacher.params for k in state.ema})
+    # Step 1 (the student = its teacher: a loss of round-off only) moves the student;
+    # step 2's loss is the pure loss of the moved student against the teacher.
+    step = make_train_step(parts)
+    state, _ = step(state, batch_of(parts))
+    params_1 = jax.tree.map(np.array, state.params)
+    _, metrics = step(state, batch_of(parts, start=8))
+    k_loss, _ = jax.random.split(jax.random.fold_in(init_state(parts, 0).rng, 1))
+    x0, cond = _x0_cond(batch_of(parts, start=8))
+
+    @jax.jit
+    def pure(teacher_params):
+        per_example, _ = progressive_loss(
+            parts.model_fn, params_1, x0, cond, k_loss, teacher_fn=teacher.parts.model_fn,
+            teacher_params=teacher_params, process=Flow(), prediction="velocity",
+            student_steps=2, ts=np.linspace(1.0, 0.0, 5), weighting="truncated_snr")
+        return jnp.mean(per_example)
+
+    want = float(pure(teacher.params))
+    # The loss is a squared difference of order 1e-2 between two O(1) float32 estimates (one
+    # student step, two teacher steps): rounding of 1e-7 in each, amplified 100 times by the
+    # cancellation and twice by the square, and compiled in another order inside the step.
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-3)
+    other = float(pure(jax.tree.map(lambda p: p * 0.9, teacher.params)))
+    assert abs(other - want) > 0.1 * want
+
+
+@pytest.mark.slow
+def test_pd_resume_is_bit_exact_and_samples_with_ddim_on_the_halved_grid(data_file, teacher_dir,
+                                                                          tmp_path):
+    straight = train_and_evaluate(pd_config(data_file, teacher_dir), str(tmp_path / "a"))
+    train_and_evaluate(pd_config(data_file, teacher_dir, **{"train.num_steps": 2}),
+                       str(tmp_path / "b"))
+    resumed = train_and_evaluate(pd_config(data_file, teacher_dir), str(tmp_path / "b"))
+    assert int(resumed.step) == int(straight.step) == 4
+    for name in ("params", "ema", "opt_state"):
+        assert_same(getattr(resumed, name), getattr(straight, name))
+    # The student's 2-step grid is every second time of the teacher's 4-step grid.
+    np.testing.assert_allclose(progressive_times(Flow(), 2), progressive_times(Flow(), 4)[::2],
+                               rtol=0, atol=1e-16)
+    run = load_run(tmp_path / "b")
+    key = jax.random.key_data(jax.random.key(3))
+    got = np.concatenate(list(sample_images(run.parts, run.params, key, num=8, batch_size=8,
+                                            solver="heun", steps=2)))  # solver not used
+    labels = {"label": jnp.arange(8, dtype=jnp.int32) % 4}
+    x, _ = sample(run.parts.model_fn, run.params, Flow(), key, (8, 8, 8, 1), cond=labels,
+                  prediction="velocity", solver="ddim", steps=2, grid=np.linspace(1.0, 0.0, 3))
+    np.testing.assert_array_equal(got, np.asarray(to_uint8(x)))
+
+
+def test_pd_teacher_and_student_that_contradict_are_refused(data_file, teacher_dir, tmp_path):
+    for steps in (3, 1, 0, -2):
+        with pytest.raises(InputError, match=re.escape(f"distill.teacher_steps={steps!r}")):
+            setup_of(pd_config(data_file, teacher_dir, **{"distill.teacher_steps": steps}))
+    cases = {
+        "model.kwargs.ch=16": pd_config(data_file, teacher_dir, **{"model.kwargs.ch": 16}),
+        "diffusion.process='vp'": pd_config(data_file, teacher_dir, **{
+            "diffusion.process": "vp", "diffusion.process_kwargs": ml_collections.ConfigDict()}),
+        "images of shape (8, 8, 1)": pd_config(data_file, teacher_dir, **{"data.pad_to": 16}),
+        "predicts 'eps'": pd_config(data_file, teacher_dir, **{"diffusion.prediction": "eps"}),
+    }
+    for word, config in cases.items():
+        workdir = tmp_path / "pd"
+        with pytest.raises(InputError, match=re.escape(word)) as e:
+            train_and_evaluate(config, str(workdir))
+        assert "\n" not in str(e.value) and not workdir.exists()
+
+
+def test_scd_teacher_that_does_not_cover_sCMs_noise_levels_is_refused(data_file):
+    narrow = setup_of(tiny_config(data_file, **{
+        "diffusion.process": "edm", "diffusion.prediction": "x0",
+        "diffusion.process_kwargs": ml_collections.ConfigDict(dict(sigma_max=10.0))}))
+    student = setup_of(scm_config(data_file, teacher="T"))
+    with pytest.raises(InputError, match=re.escape("does not cover the student's [0.002, 80]")):
+        check_teacher(narrow, student, "T")
+    bad = {
+        "both to 'trigflow'": scm_config(data_file, **{"diffusion.precond": "none"}),
+        "precond='consistency'": scm_config(data_file, **{"diffusion.precond": "consistency"}),
+        "init_from_teacher is for": scm_config(data_file, **{"distill.init_from_teacher": True}),
+        "distill.target_ema=0.9 is CD's": scm_config(data_file, **{"distill.target_ema": 0.9}),
+        "distill.target_ema=1.0": student_config(data_file, teacher="T",
+                                                 **{"distill.target_ema": 1.0}),
+        "['nn'] unknown": scm_config(data_file, **{
+            "distill.loss_kwargs": ml_collections.ConfigDict(dict(nn=1))}),
+    }
+    for word, config in bad.items():
+        with pytest.raises(InputError, match=re.escape(word)):
+            setup_of(config)
+    for steps in (0, -1):
+        with pytest.raises(InputError, match="steps >= 1"):
+            consistency_times(TrigFlow(0.5), steps)
+        with pytest.raises(InputError, match=r"steps=.* must be an int >= 1"):
+            progressive_times(Flow(), steps)
+
+
+def test_cli_pd_with_odd_teacher_steps_and_sample_with_zero_steps_exit_2(data_file, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    workdir = tmp_path / "pd"
+    runs = [
+        ([sys.executable, "-m", "jaxgen.train", "--config", "jaxgen/configs/fashion_mnist_pd.py",
+          "--workdir", str(workdir), f"--config.data.source={data_file}",
+          f"--config.distill.teacher={tmp_path}", "--config.distill.teacher_steps=7"],
+         "distill.teacher_steps=7"),
+        ([sys.executable, "-m", "jaxgen.sample", "--workdir", str(tmp_path), "--steps", "0",
+          "--out", str(tmp_path / "s.npz")], "--steps 0"),
+    ]
+    for argv, word in runs:
+        proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=300)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2, err
+        assert err.startswith("error: ") and "\n" not in err and word in err, err
+    assert not workdir.exists()
+
+
+# ---------------------------------------------------------------- CD with an EMA target network
+
+
+def _cd_steps(parts, n: int):
+    """``n`` train steps on fixed batches: the states' (params, target) after each, and the
+    metrics of each step."""
+    state, step = init_state(parts, 0), make_train_step(parts)
+    history, metrics = [(leaves(state.params), leaves(state.target))], []
+    for i in range(n):
+        state, m = step(state, batch_of(parts, start=8 * i))
+        history.append((leaves(state.params), leaves(state.target)))
+        metrics.append(float(m["loss"]))
+    return state, history, metrics
+
+
+def test_cd_target_ema_zero_is_the_online_target_bit_for_bit(data_file, teacher_dir):
+    config = student_config(data_file, teacher=teacher_dir, **{"optim.warmup_steps": 0})
+    parts = with_teacher(loop.build(config)[0])
+    state, history, _ = _cd_steps(parts, 3)
+    assert state.target is None  # the checkpoint tree is the one runs had before mu existed
+    online = parts.loss_fn
+    explicit = dataclasses.replace(parts, loss_fn=lambda m, p, *a, **k: online(
+        m, p, *a, target_params=p, **k))  # theta- = stopgrad(theta) given by hand
+    _, by_hand, _ = _cd_steps(explicit, 3)
+    for (p, _), (q, _) in zip(history, by_hand, strict=True):
+        for a, b in zip(p, q, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_cd_target_ema_follows_the_hand_iterated_ema(data_file, teacher_dir):
+    mu = 0.95
+    config = student_config(data_file, teacher=teacher_dir, **{"optim.warmup_steps": 0,
+                                                               "distill.target_ema": mu})
+    parts = with_teacher(loop.build(config)[0])
+    state, history, metrics = _cd_steps(parts, 3)
+    target = history[0][0]  # theta-_0 = theta_0
+    np.testing.assert_array_equal(np.concatenate([a.ravel() for a in history[0][1]]),
+                                  np.concatenate([a.ravel() for a in target]))
+    for params, got in history[1:]:
+        # theta- <- mu theta- + (1 - mu) theta (Song et al. 2023, Alg. 2), in float32; XLA may
+        # fuse the two products into one FMA: 1 ulp of the largest term.
+        target = [np.float32(1 - mu) * p + np.float32(1 - (1 - mu)) * t
+                  for p, t in zip(params, target, strict=True)]
+        for a, b in zip(got, target, strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-8)
+    assert not np.allclose(history[-1][1][0], history[-1][0][0])  # a lagging target, not theta
+    # The loss of step 2 reads the target: the pure CD loss with theta-_1 as target_params.
+    teacher = load_run(teacher_dir)
+    params_1 = jax.tree.unflatten(jax.tree.structure(state.params), history[1][0])
+    target_1 = jax.tree.unflatten(jax.tree.structure(state.params), history[1][1])
+    k_loss, _ = jax.random.split(jax.random.fold_in(state.rng, 1))
+    x0, cond = _x0_cond(batch_of(parts, start=8))
+
+    @jax.jit
+    def pure(target_params):
+        step = solver_step(teacher.parts.model_fn, teacher.params, teacher.parts.process,
+                           prediction="velocity", solver="heun")
+        per_example, _ = cd_loss(parts.model_fn, params_1, x0, cond, k_loss, teacher_step=step,
+                                 target_params=target_params, process=EDM(**EDM_KWARGS),
+                                 num_scales=18)
+        return jnp.mean(per_example)
+
+    np.testing.assert_allclose(metrics[1], float(pure(target_1)), rtol=2e-5)
+    assert abs(float(pure(params_1)) - metrics[1]) > 1e-4 * metrics[1]
+
+
+@pytest.mark.slow
+def test_cd_target_ema_resume_is_bit_exact(data_file, teacher_dir, tmp_path):
+    over = {"distill.target_ema": 0.5}
+    straight = train_and_evaluate(student_config(data_file, teacher=teacher_dir, **over),
+                                  str(tmp_path / "a"))
+    train_and_evaluate(student_config(data_file, teacher=teacher_dir,
+                                      **{"train.num_steps": 2, **over}), str(tmp_path / "b"))
+    resumed = train_and_evaluate(student_config(data_file, teacher=teacher_dir, **over),
+                                 str(tmp_path / "b"))
+    assert int(resumed.step) == 4
+    for name in ("params", "ema", "opt_state", "target"):
+        assert_same(getattr(resumed, name), getattr(straight, name))
+
+
+@flax.struct.dataclass
+class _StateBeforeTarget:
+    """:class:`jaxgen.train.TrainState` as runs saved it before ``target`` existed."""
+
+    step: jax.Array
+    params: Any
+    ema: dict
+    opt_state: Any
+    rng: jax.Array
+    constants: Any = None
+    phema: Any = None
+
+
+def test_checkpoints_saved_before_the_target_field_still_restore(data_file, tmp_path):
+    parts = setup_of(tiny_config(data_file))
+    state = init_state(parts, 0)
+    old = _StateBeforeTarget(**{f: getattr(state, f) for f in _StateBeforeTarget.__annotations__})
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    ckpt.save(2, old, {"data": None, "train_seconds": 1.0})
+    ckpt.close()
+    reader = Checkpointer(tmp_path / "checkpoints", writable=False)
+    restored, extra, step = reader.restore_latest(abstract_state(parts))
+    reader.close()
+    assert step == 2 and extra["train_seconds"] == 1.0 and restored.target is None
+    assert restored.phema is None and restored.constants is None
+    assert_same(restored.params, state.params)

@@ -351,8 +351,58 @@ def test_edm2_recipes_are_the_official_presets(name):
     text = describe(config, "/nonexistent")
     channels = 3 if name.startswith("imagenet64") else 4
     assert f"model input (64, 64, {channels})" in text
+    if channels == 4:  # training/encoders.py StabilityVAEEncoder: sd-vae-ft-mse on x / 255,
+        # raw_mean / raw_std to final_std 0.5 per channel (scale computed in float32 there)
+        assert (config.latent.vae, config.latent.unit_range) == ("sd-vae-ft-mse", True)
+        np.testing.assert_array_equal(np.float32(config.latent.scale),
+                                      np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28]))
+        assert tuple(config.latent.shift) == (5.81, 3.25, 0.12, -2.15)
+        assert config.data.resolution == 512 and config.eval.every_steps > 0  # decoded FID
     if count is not None:
         assert f"{count} parameters" in text
+
+
+def test_remat_keeps_the_parameters_and_the_gradients(data_file):
+    from jaxgen.train.state import make_model
+
+    config = tiny_edm2_config(data_file)
+    config.model.kwargs.attn_resolutions = (8,)  # encoder and decoder blocks, attention too
+    plain = make_model(config)
+    config.model.kwargs.remat = True  # --config.model.kwargs.remat=True
+    remat = make_model(config)
+    assert remat.remat and not plain.remat
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    sigma, cond = jnp.array([0.05, 0.5, 2.0, 20.0]), {"label": jnp.array([0, 1, 3, 4])}
+    shapes = [nn.unbox(jax.eval_shape(m.init, jax.random.key(1), x, sigma, cond))
+              for m in (plain, remat)]
+    assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])  # same names
+    assert jax.tree.map(lambda a: a.shape, shapes[0]) == jax.tree.map(lambda a: a.shape, shapes[1])
+    # Random N(0, 1) values for every variable: the zero-initialised gains would stop the
+    # gradient of most weights.
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype),
+                             shapes[0])
+
+    def grads(module):
+        def loss(params):  # EDM2's Eq. 21 shape: weighted error and the uncertainty
+            d, logvar = module.apply({**variables, "params": params}, x, sigma, cond, train=True,
+                                     return_logvar=True, rngs={"dropout": jax.random.key(2)})
+            return jnp.mean(jnp.exp(-logvar) * (d - x) ** 2 + logvar)
+
+        return jax.jit(jax.grad(loss))(variables["params"])
+
+    want, got = grads(plain), grads(remat)
+    # remat recomputes the same float32 forward pass inside the backward one; XLA compiles
+    # the two programs separately and may fuse or order sums differently, so values agree
+    # to float32 rounding accumulated over the network, not bit for bit: within 32 ulps
+    # (2^-24 each) of a tensor's largest gradient (3e-7 of it measured: 5 ulps).
+    want, got = flax.traverse_util.flatten_dict(want), flax.traverse_util.flatten_dict(got)
+    assert want.keys() == got.keys()
+    for path, g in want.items():
+        scale = float(jnp.abs(g).max())
+        assert scale > 0, path  # every weight gets a gradient (dropout keys match)
+        np.testing.assert_allclose(got[path], g, rtol=1e-5, atol=4e-6 * scale,
+                                   err_msg="/".join(path))
 
 
 def test_recipes_describe_the_paper_network(data_file):

@@ -10,8 +10,10 @@ module docstring gives the command and the paper's settings. From Python,
   matching on CIFAR-10 with the 35.7M DDPM U-Net (CIFAR fields in ``_cifar10``).
 - ``imagenet_dit_b2``, ``imagenet_dit_xl2``: DiT on ImageNet 64x64 pixels.
 - ``fashion_mnist_edm2``: EDM2 (network, loss, schedule, post-hoc EMA) at toy size (CPU).
-- ``fashion_mnist_ct``, ``fashion_mnist_cd``: few-step consistency models at toy size
-  (CPU), trained from data (iCT) or distilled from a run (``--config.distill.teacher``).
+- ``fashion_mnist_ct``, ``fashion_mnist_cd``, ``fashion_mnist_scm``: few-step consistency
+  models at toy size (CPU), trained from data (iCT, sCT) or distilled from a run
+  (``--config.distill.teacher``: CD, sCD); ``fashion_mnist_pd``: one stage of progressive
+  distillation of a run.
 - ``imagenet512_edm2_{xs,s,m,l,xl,xxl}``: EDM2 on ImageNet-512 latents, the official
   presets (shared settings in ``_edm2``); ``imagenet64_edm2_s``: EDM2-S on ImageNet-64 pixels.
 - ``imagenet256_dit_xl2``, ``imagenet256_sit_xl2``: DiT-XL/2 and SiT-XL/2 on ImageNet-256
@@ -32,6 +34,8 @@ RECIPES = (
     "fashion_mnist_edm2",
     "fashion_mnist_ct",
     "fashion_mnist_cd",
+    "fashion_mnist_scm",
+    "fashion_mnist_pd",
     "imagenet512_edm2_xs",
     "imagenet512_edm2_s",
     "imagenet512_edm2_m",

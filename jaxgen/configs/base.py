@@ -18,6 +18,7 @@ placeholders, ``None`` until the recipe sets them. A recipe is
 """
 
 import ml_collections
+from ml_collections import FieldReference
 from ml_collections.config_dict import placeholder
 
 
@@ -39,21 +40,28 @@ def get_config() -> ml_collections.ConfigDict:
     c.latent.vae = ""  # the VAE's weight file or diffusers folder ("": train on pixels)
     c.latent.vae_model = "vae-sd"  # a jaxgen.models vae-* name
     c.latent.vae_kwargs = ml_collections.ConfigDict()  # fields of the VAE preset overridden
-    c.latent.scale = 0.18215  # z = scale * (sample - shift), sample ~ the VAE posterior
-    c.latent.shift = 0.0
+    # z = scale * (sample - shift), sample ~ the VAE posterior; each a number, or one per
+    # latent channel (EDM2): --config.latent.scale=S1,S2,S3,S4 (or "(S1,S2,S3,S4)")
+    c.latent.scale = FieldReference(0.18215, field_type=object)
+    c.latent.shift = FieldReference(0.0, field_type=object)
+    # The VAE takes and returns images in [0, 1], not [-1, 1] (LDM, DiT): EDM2's
+    # StabilityVAEEncoder feeds the SD VAE x / 255, and its per-channel statistics are of those
+    c.latent.unit_range = False
 
     c.model = ml_collections.ConfigDict()
     c.model.name = placeholder(str)  # a jaxgen.models.MODEL_NAMES entry
     c.model.kwargs = ml_collections.ConfigDict()  # the model's arguments (empty: its defaults)
 
     c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.process = placeholder(str)  # vp | edm | flow
+    c.diffusion.process = placeholder(str)  # vp | edm | flow | trigflow (sCM, Lu & Song 2024)
     c.diffusion.process_kwargs = ml_collections.ConfigDict()  # the process's arguments
     c.diffusion.prediction = placeholder(str)  # eps | x0 | v | velocity | score
     c.diffusion.precond = "none"  # none | edm (Karras et al. 2022; predicts x0) | consistency
     # (Song et al. 2023, Eq. 5: f(x, sigma_min) = x exactly; sampled by the consistency sampler)
+    # | trigflow (process trigflow: the velocity sigma_d F(x_t / sigma_d, time_scale * t))
     c.diffusion.sigma_data = 0.5  # data scale: the EDM process, precond="edm" and weighting="edm"
     c.diffusion.time_scale = 1.0  # the network sees time_scale * t (precond="none")
+    c.diffusion.time_shift = 0.0  # ... + time_shift (-1 with scale N: DDPM's 0-based index)
     c.diffusion.reverse_time = False  # the network sees 1 - t, a velocity negated (SiT's time)
     c.diffusion.time_sampler = placeholder(str)  # uniform | lognormal | logit_normal | discrete
     c.diffusion.time_sampler_kwargs = ml_collections.ConfigDict()
@@ -63,14 +71,26 @@ def get_config() -> ml_collections.ConfigDict:
     # Eq. 21 with the model's learned uncertainty (process edm, lognormal times, edm weighting)
     # | ict: consistency training (Song & Dhariwal 2024) | cd: consistency distillation of
     # distill.teacher (Song et al. 2023, Alg. 2); ict and cd need process edm, precond consistency
+    # | scm: continuous-time consistency (Lu & Song 2024; process and precond trigflow), from
+    # data or distill.teacher | pd: progressive distillation of distill.teacher (Salimans & Ho)
     c.diffusion.loss = "denoising"
+    # "" | vlb: a learn_sigma model's variance channels trained by IDDPM's L_vlb added to the
+    # denoising loss (jaxgen.diffusion.vlb; discrete VP, time_sampler discrete, precond none)
+    c.diffusion.learned_variance = ""
 
-    c.distill = ml_collections.ConfigDict()  # consistency training and distillation
-    c.distill.teacher = placeholder(str)  # cd: the teacher's jaxgen.train workdir (not copied)
+    c.distill = ml_collections.ConfigDict()  # few-step training and distillation
+    # cd, pd, scm (sCD): the teacher's jaxgen.train workdir (not copied)
+    c.distill.teacher = placeholder(str)
     c.distill.teacher_weights = placeholder(str)  # its EMA decay, 'params', ... (None: default)
     c.distill.solver = "heun"  # cd: the teacher's ODE step, a deterministic SOLVERS entry
+    c.distill.target_ema = 0.0  # cd: target network theta- EMA decay mu (0: the student itself)
+    c.distill.teacher_steps = 0  # pd: the teacher's DDIM steps N (even, >= 2); the student's N/2
+    c.distill.adaptive_weight = True  # scm: learn sCM's adaptive weight w(t) (a logvar head)
+    c.distill.init_from_teacher = False  # scm: start from a TrigFlow teacher's weights
     # Arguments of jaxgen.diffusion.consistency.ict_loss (s0, s1, rho, p_mean, p_std,
-    # distance) or cd_loss (num_scales, rho, distance, weighting); empty: the papers' values
+    # distance), cd_loss (num_scales, rho, distance, weighting), scm.scm_loss (p_mean,
+    # p_std, warmup_steps, tangent_c) or distillation.progressive_loss (weighting);
+    # empty: the papers' values
     c.distill.loss_kwargs = ml_collections.ConfigDict()
 
     c.optim = ml_collections.ConfigDict()  # Adam(W)

@@ -24,8 +24,5 @@ def get_config() -> ml_collections.ConfigDict:
     """The toy recipes' fields (:mod:`jaxgen.configs._fashion_mnist`) with a small U-Net."""
     c = _fashion_mnist.get_config()
     c.model.name = "unet-small"
-    c.model.kwargs = ml_collections.ConfigDict(dict(
-        ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attention_levels=(2,), head_channels=32,
-        num_groups=8, dropout=0.0, num_classes=10, class_dropout=0.1,
-    ))
+    c.model.kwargs = _fashion_mnist.unet_kwargs()
     return c

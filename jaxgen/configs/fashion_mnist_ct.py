@@ -32,10 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     """The toy recipes' fields with iCT's objective."""
     c = _fashion_mnist.get_config()
     c.model.name = "unet-small"
-    c.model.kwargs = ml_collections.ConfigDict(dict(
-        ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attention_levels=(2,), head_channels=32,
-        num_groups=8, dropout=0.0, num_classes=10, class_dropout=0.0,
-    ))
+    c.model.kwargs = _fashion_mnist.unet_kwargs(class_dropout=0.0)
     c.diffusion.process = "edm"
     c.diffusion.process_kwargs = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0))
     c.diffusion.precond = "consistency"

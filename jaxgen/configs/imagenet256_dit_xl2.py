@@ -3,22 +3,22 @@
 The paper's latent recipe (Sec. 4 and ``train.py``): images center-cropped as
 ADM does, encoded by Stable Diffusion's ``sd-vae-ft-ema`` to 32x32x4 latents
 times 0.18215, a posterior sample per step, horizontal flips; DiT-XL/2 (675M,
-1000 classes, class dropout 0.1, learned sigma), linear VP schedule of 1000
-steps, eps prediction, AdamW lr 1e-4 constant, no weight decay, no warmup,
-batch 256, EMA 0.9999, 400K steps; sampled with 250 DDPM steps and
-classifier-free guidance 1.5. The paper reports FID-50K 19.5 at 400K steps
-without guidance and 2.27 at 7M steps with cfg 1.5. Two differences:
-jaxgen trains the learned-variance output by the simple loss only (the
-paper adds ADM's L_vlb), and its ``ddpm`` sampler uses the fixed posterior
-variance, not the learned one.
+1000 classes, class dropout 0.1, learned sigma trained by IDDPM's
+L_simple + L_vlb), linear VP schedule of 1000 steps, eps prediction, AdamW lr
+1e-4 constant, no weight decay, no warmup, batch 256, EMA 0.9999, 400K steps;
+sampled with 250 ancestral steps on IDDPM's respaced grid with the learned
+variance (``ddpm_learned``) and classifier-free guidance 1.5, which DiT's
+``forward_with_cfg`` applies to the first three latent channels
+(``--guide-channels 3`` below). The paper reports FID-50K 19.5 at 400K steps
+without guidance and 2.27 at 7M steps with cfg 1.5.
 
     # weights: https://huggingface.co/stabilityai/sd-vae-ft-ema (a diffusers folder)
     python -m jaxgen.encode tfds:imagenet2012:train latents/in256_sd \
         --vae sd-vae-ft-ema --vae-model vae-sd --resolution 256
     python -m jaxgen.train --config jaxgen/configs/imagenet256_dit_xl2.py \
         --workdir runs/in256_dit_xl2
-    python -m jaxgen.sample --workdir runs/in256_dit_xl2 --num 50000 --solver ddpm \
-        --steps 250 --cfg-scale 1.5 --out runs/in256_dit_xl2/samples.npz
+    python -m jaxgen.sample --workdir runs/in256_dit_xl2 --num 50000 --solver ddpm_learned \
+        --steps 250 --cfg-scale 1.5 --guide-channels 3 --out runs/in256_dit_xl2/samples.npz
 """
 
 import ml_collections
@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.latent.scale = 0.18215
     c.train.compute_dtype = "float32"  # the paper trains in float32 (TF32 matmuls)
     c.train.fsdp = 8
-    c.eval.solver = "ddpm"
+    c.eval.solver = "ddpm_learned"
     c.eval.steps = 250
     c.eval.cfg_scale = 1.5
     return c

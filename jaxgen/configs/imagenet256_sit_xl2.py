@@ -29,8 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.process_kwargs = ml_collections.ConfigDict(dict(path="linear"))
     c.diffusion.prediction = "velocity"
     c.diffusion.time_scale = 1.0  # SiT embeds t in [0, 1]
+    c.diffusion.time_shift = 0.0
     c.diffusion.reverse_time = True
     c.diffusion.time_sampler = "uniform"
+    c.diffusion.learned_variance = ""  # SiT's loss leaves its variance channels untrained
     c.eval.solver = "euler_maruyama"
     c.eval.steps = 250
     return c

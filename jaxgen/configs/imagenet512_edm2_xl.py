@@ -5,14 +5,16 @@ settings every EDM2 preset shares are in :mod:`jaxgen.configs._edm2`. The
 official post-hoc EMA reconstructions give FID 1.96 (sigma_rel
 0.085) and 1.85 with guidance 1.20 by an unconditional XS (sigma_rel 0.020).
 
-Data: the latents are a file you provide, ``--config.data.source=PATH``:
-ImageNet train images center-cropped to 512x512 and encoded by the Stable
-Diffusion VAE (sd-vae-ft-mse) into 64x64x4 latents, normalised as EDM2's
-``StabilityVAEEncoder`` does (per-channel mean 5.81, 3.25, 0.12, -2.15 and
-std 4.17, 4.62, 3.71, 3.28, scaled to std 0.5), with labels.
+Data: ImageNet train center-cropped to 512x512 and encoded by the Stable
+Diffusion VAE (sd-vae-ft-mse) into 64x64x4 latents as EDM2's
+``StabilityVAEEncoder`` does (images in [0, 1]; per-channel mean 5.81, 3.25,
+0.12, -2.15 and std 4.17, 4.62, 3.71, 3.28 normalised to std 0.5), with
+labels: the ``python -m jaxgen.encode`` command in :mod:`jaxgen.configs._edm2`
+writes ``latents/in512_sd_edm2`` (elsewhere: ``--config.data.source=PATH``).
+Samples and the in-loop FID decode through the same VAE.
 
     python -m jaxgen.train --config jaxgen/configs/imagenet512_edm2_xl.py \
-        --workdir runs/in512_edm2_xl --config.data.source=PATH --dry-run
+        --workdir runs/in512_edm2_xl --dry-run
     python -m jaxgen.phema --workdir runs/in512_edm2_xl --sigma-rel 0.1 \
         --out runs/in512_edm2_xl/posthoc
 """

@@ -8,9 +8,10 @@ dropout 0.1 for classifier-free guidance, 400k steps. The paper trains on
 patch 2) and reports FID-50K 43.5 for DiT-B/2 at 400k steps without
 guidance. Here the model works on 64x64 pixels (1024 tokens for patch 2);
 jaxgen's data pipeline reads uint8 images, so precomputed float latents
-are not an input yet. The learned-variance output is kept (as in the
-paper) but trained only by the simple loss; sample with a DDIM/DPM-Solver
-grid. ``tfds:imagenet2012`` needs the manual ImageNet download of TFDS.
+are not an input yet. The learned variance is trained as in the paper, by
+IDDPM's L_simple + L_vlb; sample with a DDIM/DPM-Solver grid, or with the
+paper's 250 ancestral steps that use it (``--solver ddpm_learned --steps 250``).
+``tfds:imagenet2012`` needs the manual ImageNet download of TFDS.
 
     python -m jaxgen.train --config jaxgen/configs/imagenet_dit_b2.py --workdir runs/in64_dit_b2
     python -m jaxgen.sample --workdir runs/in64_dit_b2 --num 50000 --solver dpmpp_2m \
@@ -36,8 +37,11 @@ def dit_config(model: str, num_steps: int) -> ml_collections.ConfigDict:
     c.diffusion.process = "vp"
     c.diffusion.process_kwargs = ml_collections.ConfigDict(dict(schedule="linear", num_steps=1000))
     c.diffusion.prediction = "eps"
-    c.diffusion.time_scale = 1000.0  # the network embeds the step index k = 1000 t
+    # The network embeds DiT's 0-based step index 1000 t - 1 (released weights need it).
+    c.diffusion.time_scale = 1000.0
+    c.diffusion.time_shift = -1.0
     c.diffusion.time_sampler = "discrete"
+    c.diffusion.learned_variance = "vlb"  # IDDPM's hybrid loss (DiT's learn_sigma=True)
     c.optim.lr = 1e-4
     c.train.num_steps = num_steps
     c.train.ema_decays = (0.9999,)

@@ -40,6 +40,18 @@ def _x0_eps(fn, params, x_t, t, cond, prediction, process):
 # ---------------------------------------------------------------- progressive distillation
 
 
+def progressive_times(process, steps: int) -> np.ndarray:
+    """The ``steps + 1`` times of an ``N``-step sampler in progressive distillation.
+
+    Uniform in ``t`` from ``t_max`` to 0 (Salimans & Ho 2022, Algorithm 2:
+    ``t = i / N``), so the student's grid of ``N`` steps is every second time of its
+    teacher's grid of ``2N``.
+    """
+    if not isinstance(steps, int | np.integer) or steps < 1:
+        raise InputError(f"steps={steps!r} must be an int >= 1.")
+    return np.linspace(process.t_max, 0.0, int(steps) + 1)
+
+
 def progressive_target(
     teacher_fn: Callable, teacher_params, z_t, t, t_mid, t_next, cond, *, process, prediction: str
 ):
@@ -107,8 +119,8 @@ def progressive_loss(
       teacher_prediction: what the teacher predicts (default: ``prediction``).
       student_steps: ``N``, the student's number of sampling steps.
       ts: the teacher's ``2N + 1`` decreasing times (e.g.
-        ``jaxgen.sampling.make_grid(grid, process, 2 * N)``); default uniform in
-        ``t`` from ``t_max`` to 0, Salimans & Ho's ``t = i / N``.
+        ``jaxgen.sampling.make_grid(grid, process, 2 * N)``); default
+        :func:`progressive_times` ``(process, 2N)``, Salimans & Ho's ``t = i / N``.
       weighting: ``"truncated_snr"`` or ``"snr_plus_one"``.
 
     Returns:
@@ -122,7 +134,7 @@ def progressive_loss(
     if weighting not in ("truncated_snr", "snr_plus_one"):
         raise InputError(f"weighting={weighting!r}: use 'truncated_snr' or 'snr_plus_one'.")
     n = student_steps
-    ts = np.linspace(process.t_max, 0.0, 2 * n + 1) if ts is None else np.asarray(ts, np.float64)
+    ts = progressive_times(process, 2 * n) if ts is None else np.asarray(ts, np.float64)
     if ts.shape != (2 * n + 1,) or not np.all(np.diff(ts) < 0) or ts[-1] < 0:
         raise InputError(
             f"ts has shape {ts.shape}: the teacher's grid for student_steps={n} needs "

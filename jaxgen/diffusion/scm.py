@@ -153,7 +153,7 @@ def scm_loss(
     step=0,
     warmup_steps: int = 10_000,
     tangent_c: float = 0.1,
-    logvar_fn: Callable | None = None,
+    raw_logvar_fn: Callable | None = None,
 ):
     """sCT (``teacher=None``) and sCD: Lu & Song (2024), Algorithm 1 and Sec. 4.
 
@@ -163,10 +163,11 @@ def scm_loss(
     (tangent warmup),
     ``g = -cos^2(t) (sigma_d F- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF-/dt)``,
     normalised ``g <- g / (||g|| + c)``; the loss is
-    ``||F_theta - F- - g||^2 / D``, or with adaptive weighting
-    ``e^{-u(t)} ||F_theta - F- - g||^2 / D + u(t)`` for a learned ``u = logvar_fn``
-    (the paper's ``w_phi = -u``). Its gradient is the paper's Eq. for
-    ``grad E[w(t) sigma_d sin(t) F_theta^T df-/dt]`` up to ``g``'s normalisation.
+    ``||F_theta - F- - g||^2 / D``, or with adaptive weighting (Sec. 4.3)
+    ``e^{-u(t)} ||F_theta - F- - g||^2 / D + u(t)`` for a learned ``u`` (the
+    paper's ``w_phi = -u``), which ``raw_logvar_fn`` returns with ``F_theta``. Its
+    gradient is the paper's Eq. for ``grad E[w(t) sigma_d sin(t) F_theta^T df-/dt]``
+    up to ``g``'s normalisation.
 
     Args:
       raw_fn: ``raw_fn(params, x_in, t, cond) -> F`` (see :func:`trigflow_consistency`).
@@ -181,7 +182,10 @@ def scm_loss(
       step: training iteration (traced is fine), for the warmup.
       warmup_steps: ``H``, iterations of tangent warmup; 0 for none.
       tangent_c: ``c`` of the tangent normalisation (0.1).
-      logvar_fn: ``logvar_fn(params, t) -> u [B]`` or ``None`` (unit weight).
+      raw_logvar_fn: ``raw_logvar_fn(params, x_in, t, cond) -> (F, u [B])``, the
+        student's pass with its learned log-variance (e.g. an
+        :class:`jaxgen.models.adaptive_weight.AdaptiveWeightModel`); ``None``: unit
+        weight, ``F_theta`` from ``raw_fn``.
 
     Returns:
       ``(per_example [B], {"loss", "mse", "tangent_norm"})``.
@@ -201,12 +205,11 @@ def scm_loss(
     )
     norm = jnp.sqrt(jnp.sum(jnp.square(g).reshape(b, -1), axis=1))
     target = jax.lax.stop_gradient(f_minus + g / bcast(norm + tangent_c, g))
-    f_theta = raw_fn(params, x_t / sigma_data, t, cond)
-    mse = jnp.mean(jnp.square(f_theta - target).reshape(b, -1), axis=1)
-    if logvar_fn is None:
-        per_example = mse
+    if raw_logvar_fn is None:
+        f_theta, u = raw_fn(params, x_t / sigma_data, t, cond), None
     else:
-        u = logvar_fn(params, t)
-        per_example = jnp.exp(-u) * mse + u
+        f_theta, u = raw_logvar_fn(params, x_t / sigma_data, t, cond)
+    mse = jnp.mean(jnp.square(f_theta - target).reshape(b, -1), axis=1)
+    per_example = mse if u is None else jnp.exp(-u) * mse + u
     metrics = {"loss": jnp.mean(per_example), "mse": jnp.mean(mse), "tangent_norm": jnp.mean(norm)}
     return per_example, metrics

@@ -92,6 +92,7 @@ def as_model_fn(
     train: bool = False,
     rngs: Mapping[str, Array] | None = None,
     constants: Mapping[str, Any] | None = None,
+    keep_variance: bool = False,
     **call_kwargs: Any,
 ) -> ModelFn:
     """A jaxgen model as ``model_fn(params, x_t, t, cond) -> prediction``.
@@ -112,6 +113,11 @@ def as_model_fn(
       constants: the module's variable collections other than ``params``, read
         by every call and never trained (EDM2's ``buffers``: its fixed Fourier
         frequencies and phases); ``None`` for a module with none.
+      keep_variance: return all ``2C`` channels of a ``learn_sigma`` model: the
+        prediction, then the variance interpolation ``v`` of IDDPM's learned range
+        (:mod:`jaxgen.diffusion.vlb`). Also a keyword of each call, which is how the
+        hybrid loss and the ``ddpm_learned`` solver ask for it while every other
+        consumer keeps the prediction alone; refused for a model without those channels.
       **call_kwargs: further keywords of the module's call, e.g. EDM2's
         ``return_logvar=True`` (then ``model_fn`` returns ``(denoised, logvar)``).
 
@@ -122,11 +128,16 @@ def as_model_fn(
     """
     learn_sigma = getattr(module, "learn_sigma", False)
     constants = dict(constants or {})
+    default_keep = keep_variance
 
-    def model_fn(params: Any, x_t: Array, t: Array, cond: Cond = None, **per_call: Any) -> Array:
+    def model_fn(params: Any, x_t: Array, t: Array, cond: Cond = None, *,
+                 keep_variance: bool = default_keep, **per_call: Any) -> Array:
+        if keep_variance and not learn_sigma:
+            raise InputError(f"keep_variance=True: {type(module).__name__} has no variance "
+                             "channels; build it with learn_sigma=True.")
         out = module.apply({"params": params, **constants}, x_t, t, cond, train=train,
                            rngs=rngs, **call_kwargs, **per_call)
-        if not learn_sigma:
+        if not learn_sigma or keep_variance:
             return out
         if isinstance(out, tuple):  # (prediction, extra outputs), e.g. REPA's tokens
             return (out[0][..., : x_t.shape[-1]], *out[1:])

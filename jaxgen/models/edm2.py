@@ -266,6 +266,7 @@ class EDM2UNet(nn.Module):
     concat_balance: float = 0.5
     channels_per_head: int = 64
     dropout: float = 0.0
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -274,6 +275,9 @@ class EDM2UNet(nn.Module):
         """``x`` ``[B, H, W, C]``, ``c_noise`` ``[B]``, ``labels`` ``[B, label_dim]`` float."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block = dict(channels_per_head=self.channels_per_head, dropout=self.dropout, **kw)
+        # remat: each block's activations are recomputed in the backward pass, not stored
+        # (``train``, argument 3 counting ``self``, is a Python bool: static).
+        block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
         cblock = [self.model_channels * m for m in self.channel_mult]
         cnoise = self.model_channels * (self.channel_mult_noise or self.channel_mult[0])
         cemb = self.model_channels * self.channel_mult_emb if self.channel_mult_emb else max(cblock)
@@ -294,26 +298,27 @@ class EDM2UNet(nn.Module):
                 x = MPConv(channels, 3, axes=("channels", "embed"), name=f"enc_{res}x{res}_conv",
                            **kw)(x)
             else:
-                x = Block(x.shape[-1], "enc", "down", name=f"enc_{res}x{res}_down", **block)(
+                x = block_cls(x.shape[-1], "enc", "down", name=f"enc_{res}x{res}_down", **block)(
                     x, emb, train)
             skips.append(x)
             for idx in range(self.num_blocks):
-                x = Block(channels, "enc", attention=res in self.attn_resolutions,
+                x = block_cls(channels, "enc", attention=res in self.attn_resolutions,
                           name=f"enc_{res}x{res}_block{idx}", **block)(x, emb, train)
                 skips.append(x)
 
         for level, channels in reversed(list(enumerate(cblock))):
             res = self.img_resolution >> level
             if level == len(cblock) - 1:
-                x = Block(x.shape[-1], "dec", attention=True, name=f"dec_{res}x{res}_in0",
+                x = block_cls(x.shape[-1], "dec", attention=True, name=f"dec_{res}x{res}_in0",
                           **block)(x, emb, train)
-                x = Block(x.shape[-1], "dec", name=f"dec_{res}x{res}_in1", **block)(x, emb, train)
+                x = block_cls(x.shape[-1], "dec", name=f"dec_{res}x{res}_in1", **block)(
+                    x, emb, train)
             else:
-                x = Block(x.shape[-1], "dec", "up", name=f"dec_{res}x{res}_up", **block)(
+                x = block_cls(x.shape[-1], "dec", "up", name=f"dec_{res}x{res}_up", **block)(
                     x, emb, train)
             for idx in range(self.num_blocks + 1):
                 x = mp_cat(x, skips.pop(), self.concat_balance)
-                x = Block(channels, "dec", attention=res in self.attn_resolutions,
+                x = block_cls(channels, "dec", attention=res in self.attn_resolutions,
                           name=f"dec_{res}x{res}_block{idx}", **block)(x, emb, train)
         out_gain = self.param("out_gain", nn.initializers.zeros_init(), (), self.param_dtype)
         return MPConv(self.img_channels, 3, axes=("conv_in", "channels"), name="out_conv",
@@ -339,6 +344,9 @@ class EDM2(nn.Module):
       model_channels, channel_mult, num_blocks, attn_resolutions,
       channels_per_head, dropout, label_balance, concat_balance: see
         :class:`EDM2UNet` and the official ``UNet``/``Block``.
+      remat: recompute each block's activations in the backward pass (``nn.remat``)
+        instead of storing them: less memory for a second forward pass per block;
+        same parameters (names and values) and, to rounding, the same gradients.
       dtype: compute dtype of the U-Net (the official net uses fp16 on GPU);
         preconditioning and the output stay float32.
       param_dtype: parameter dtype.
@@ -357,6 +365,7 @@ class EDM2(nn.Module):
     dropout: float = 0.0
     label_balance: float = 0.5
     concat_balance: float = 0.5
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -404,7 +413,7 @@ class EDM2(nn.Module):
             num_blocks=self.num_blocks, attn_resolutions=self.attn_resolutions,
             label_balance=self.label_balance, concat_balance=self.concat_balance,
             channels_per_head=self.channels_per_head, dropout=self.dropout,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="unet",
+            remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype, name="unet",
         )
         f_x = unet((c_in * x).astype(self.dtype), c_noise, onehot, train)
         d_x = c_skip * x + c_out * f_x.astype(jnp.float32)

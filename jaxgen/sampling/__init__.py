@@ -4,6 +4,7 @@ from jaxgen.sampling.consistency import consistency_sample, consistency_times
 from jaxgen.sampling.driver import SOLVERS, SolverSpec, generate, sample, to_uint8
 from jaxgen.sampling.grids import (
     GRIDS,
+    iddpm,
     karras,
     leading,
     logsnr,
@@ -16,6 +17,7 @@ from jaxgen.sampling.guidance import Denoiser, Guidance, make_denoiser
 from jaxgen.sampling.solvers import (
     TABLEAUS,
     ddim,
+    ddpm_learned,
     dpmpp_2m,
     dpmpp_3m,
     euler_maruyama,
@@ -36,10 +38,12 @@ __all__ = [
     "consistency_sample",
     "consistency_times",
     "ddim",
+    "ddpm_learned",
     "dpmpp_2m",
     "dpmpp_3m",
     "euler_maruyama",
     "generate",
+    "iddpm",
     "karras",
     "leading",
     "logsnr",

@@ -6,6 +6,7 @@
 level the consistency function's output carries (Algorithm 1's
 ``sqrt(tau^2 - eps^2)`` on EDM; 0 on TrigFlow, whose boundary is ``t = 0``,
 giving sCM's ``cos(tau) x + sin(tau) z`` with ``z ~ N(0, sigma_d^2)``).
+A model of another prediction (sCM's TrigFlow velocity) is read as its ``x0``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxgen.diffusion.predictions import check_prediction, to_x0_eps
+from jaxgen.diffusion.processes import EDM
+from jaxgen.diffusion.scm import TrigFlow
 from jaxgen.errors import InputError
 from jaxgen.parallel import batch_sharding, pad_batch
 from jaxgen.sampling.grids import karras
 from jaxgen.sampling.solvers import step_noise
+
+# sCM's sampling times (Lu & Song 2024, Sec. 5 and App.): start at T = arctan(sigma_max /
+# sigma_d) with EDM's sigma_max = 80, and the 2-step sampler's intermediate time 1.1.
+SCM_SIGMA_MAX = 80.0
+SCM_T_MID = 1.1
 
 
 def consistency_times(process, steps: int) -> np.ndarray:
@@ -31,14 +40,25 @@ def consistency_times(process, steps: int) -> np.ndarray:
     where a step would change nothing.
 
     On ``EDM()``: 1 step ``(80,)``, 2 ``(80, 2.51)``, 4 ``(80, 17.5, 2.51, 0.169)``.
+    On :class:`~jaxgen.diffusion.TrigFlow` (sCM) the paper's times: 1 step
+    ``T = arctan(80 / sigma_d)`` (1.5645 for ``sigma_d = 0.5``), 2 steps ``(T, 1.1)``;
+    more steps (not given in the paper) take the Karras levels of ``[0.002, 80]`` as
+    TrigFlow times ``arctan(sigma / sigma_d)``.
     """
     if not isinstance(steps, int | np.integer) or steps < 1:
         raise InputError(f"steps={steps!r}: a consistency model samples in steps >= 1.")
-    return karras(process, int(steps) + 1)[: int(steps)]
+    steps = int(steps)
+    if not isinstance(process, TrigFlow):
+        return karras(process, steps + 1)[:steps]
+    t_max = np.arctan(SCM_SIGMA_MAX / process.sigma_data)
+    if steps <= 2:
+        return np.asarray((t_max, SCM_T_MID)[:steps], np.float64)
+    sigmas = karras(EDM(sigma_min=0.002, sigma_max=SCM_SIGMA_MAX), steps + 1)[:steps]
+    return np.arctan(sigmas / process.sigma_data)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 5, 9))
-def _run(model_fn, params, process, key, ids, shape, ts, x_T, cond, mesh):
+@functools.partial(jax.jit, static_argnums=(0, 2, 5, 9, 10))
+def _run(model_fn, params, process, key, ids, shape, ts, x_T, cond, mesh, prediction):
     per_sample = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
     init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(per_sample)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_sample)
@@ -51,12 +71,18 @@ def _run(model_fn, params, process, key, ids, shape, ts, x_T, cond, mesh):
         cond = jax.tree.map(shard, cond)
     t_min = jnp.asarray(process.t_min, ts.dtype)
     s_min = process.sigma(t_min) / process.alpha(t_min)
-    x = model_fn(params, x_T, jnp.full((shape[0],), ts[0]), cond)
+
+    def f(x, t):
+        t = jnp.full((shape[0],), t)
+        out = model_fn(params, x, t, cond)
+        return out if prediction == "x0" else to_x0_eps(out, prediction, x_t=x, t=t,
+                                                         process=process)[0]
+
+    x = f(x_T, ts[0])
     for n in range(1, len(ts)):  # a handful of steps: unrolled
         a, s = process.alpha(ts[n]), process.sigma(ts[n])
         std = jnp.sqrt(jnp.maximum(s * s - (a * s_min) ** 2, 0.0))
-        x_tau = a * x + std * step_noise(step_keys, n, x)
-        x = model_fn(params, x_tau, jnp.full((shape[0],), ts[n]), cond)
+        x = f(a * x + std * step_noise(step_keys, n, x), ts[n])
     return x
 
 
@@ -72,6 +98,7 @@ def consistency_sample(
     x_T: jax.Array | None = None,
     mesh: Mesh | None = None,
     first_index: int = 0,
+    prediction: str = "x0",
 ) -> tuple[jax.Array, dict]:
     """Draw samples with a consistency function in ``len(ts)`` evaluations.
 
@@ -93,10 +120,13 @@ def consistency_sample(
       x_T: starting point at ``ts[0]`` (already scaled); overrides the noise from ``key``.
       mesh: shard the batch over this mesh (it is padded to a multiple of its size).
       first_index: index of the first sample of this batch within the run.
+      prediction: what ``model_fn`` returns; its ``x0`` is the consistency function
+        (``"velocity"`` for sCM's TrigFlow model: ``cos(t) x_t - sin(t) v``).
 
     Returns:
       ``(x0, {"nfe": len(ts), "timesteps": ts})``.
     """
+    check_prediction(prediction)
     ts = np.asarray((process.t_max,) if ts is None else ts, np.float64)
     if ts.ndim != 1 or ts.size < 1:
         raise InputError(f"ts={ts}: give at least one time (steps >= 1).")
@@ -117,6 +147,7 @@ def consistency_sample(
         cond = None if cond is None else pad_batch(jax.tree.map(jnp.asarray, cond), devices)[0]
     ids = first_index + jnp.arange(rows)
     ts_in = jnp.asarray(ts, jnp.result_type(float))
-    x = _run(model_fn, params, process, key, ids, (rows, *shape[1:]), ts_in, x_T, cond, mesh)
+    x = _run(model_fn, params, process, key, ids, (rows, *shape[1:]), ts_in, x_T, cond, mesh,
+             prediction)
     return x[:batch], {"nfe": int(ts.size), "timesteps": ts.copy()}
 

@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen.diffusion.predictions import check_prediction
+from jaxgen.diffusion.vlb import check_discrete_vp
 from jaxgen.errors import InputError
 from jaxgen.parallel import batch_sharding, pad_batch, to_host
 from jaxgen.sampling import solvers
@@ -28,12 +29,17 @@ class SolverSpec:
 
     ``nfe = evals_per_step * steps - free_final`` when the grid ends at the
     clean point (the stages there are the identity, not a model call).
+    ``learned_variance``: the solver reads the model's variance channels (a denoiser
+    built with ``learned_variance=True``); ``grid``: its default time grid (``None``:
+    the process's).
     """
 
     fn: Callable
     fixed: tuple = ()
     evals_per_step: int = 1
     free_final: int = 0
+    learned_variance: bool = False
+    grid: str | None = None
 
     def options(self) -> set[str]:
         """Keyword options a user may set."""
@@ -43,6 +49,8 @@ class SolverSpec:
 
 SOLVERS = {
     "ddpm": SolverSpec(solvers.ddim, (("eta", 1.0),)),
+    # IDDPM/ADM/DiT: a learn_sigma model's variance, on IDDPM's respaced grid by default.
+    "ddpm_learned": SolverSpec(solvers.ddpm_learned, learned_variance=True, grid="iddpm"),
     "ddim": SolverSpec(solvers.ddim),
     "euler": SolverSpec(solvers.runge_kutta, (("tableau", "euler"),)),
     "midpoint": SolverSpec(solvers.runge_kutta, (("tableau", "midpoint"),), 2),
@@ -100,9 +108,10 @@ def _run(config: _Config, params, key, first_index, ts, x_T, cond, uncond, gpara
         guidance = Guidance.from_dynamic(gparams, uncond, guide_fn, config.pag)
     # Weights are traced arguments: bound here, inside the trace, never baked in as constants.
     model_fn = functools.partial(config.model_fn, params)
-    denoise = make_denoiser(model_fn, config.process, config.prediction, cond, guidance,
-                            cache_interval=config.cache_interval)
     spec = SOLVERS[config.solver]
+    denoise = make_denoiser(model_fn, config.process, config.prediction, cond, guidance,
+                            cache_interval=config.cache_interval,
+                            learned_variance=spec.learned_variance)
     options = dict(spec.fixed) | dict(config.options)
     return spec.fn(denoise, x_T, ts, step_keys, config.process, **options)
 
@@ -181,6 +190,23 @@ def _check_cacheable(model_fn: Callable, params, shape: tuple, cond, interval) -
         )
 
 
+@_once
+def _check_variance(model_fn: Callable, params, shape: tuple, cond) -> None:
+    """Refuse a learned-variance solver, before tracing it, for a model without variance."""
+    x = jax.ShapeDtypeStruct(shape, jnp.result_type(float))
+    try:
+        out = jax.eval_shape(lambda p, x: model_fn(p, x, jnp.zeros(shape[:1], x.dtype), cond,
+                                                   keep_variance=True), params, x)
+        ok = getattr(out, "shape", None) == (*shape[:-1], 2 * shape[-1])
+    except (TypeError, InputError):
+        ok = False
+    if not ok:
+        raise InputError(
+            "solver='ddpm_learned' needs a model_fn taking keep_variance=True (-> 2C channels: "
+            "prediction, variance): as_model_fn of a model built with learn_sigma=True."
+        )
+
+
 def _check_start(process, prediction: str, ts: np.ndarray, solver: str, options: tuple) -> None:
     alpha0 = float(process.alpha(jnp.asarray(ts[0])))
     if prediction in ("eps", "score") and (
@@ -250,9 +276,10 @@ def sample(
       solver: a name in :data:`SOLVERS`.
       steps: number of solver steps (intervals of the time grid), >= 1.
       grid: a name in :data:`jaxgen.sampling.grids.GRIDS`, a callable
-        ``(process, steps) -> ts`` or explicit times; default the process's
-        ``default_grid`` (``trailing`` for discrete VP, ``logsnr`` for
-        continuous VP, ``karras`` for EDM, ``uniform`` for flows).
+        ``(process, steps) -> ts`` or explicit times; default the solver's
+        (``iddpm`` for ``ddpm_learned``), else the process's ``default_grid``
+        (``trailing`` for discrete VP, ``logsnr`` for continuous VP, ``karras``
+        for EDM, ``uniform`` for flows).
       cond: conditioning pytree with leading axis ``B``, or ``None``.
       guidance: a :class:`Guidance` or ``None``.
       x_T: starting point at ``ts[0]`` (already scaled); overrides the noise from ``key``.
@@ -278,6 +305,10 @@ def sample(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or min(shape) < 1:
         raise InputError(f"shape={shape}: need (batch, ...) with every size >= 1.")
+    grid = spec.grid if grid is None else grid
+    if spec.learned_variance:
+        check_discrete_vp(process, f"solver={solver!r}")
+        _check_variance(model_fn, params, shape, cond)
     plan = _plan_named if grid is None or isinstance(grid, str) else _plan
     ts, clean_end = plan(process, grid, int(steps), prediction, solver, options)
     if guidance is not None:

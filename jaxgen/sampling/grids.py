@@ -109,6 +109,22 @@ def leading(process, steps: int) -> np.ndarray:
     return np.append((idx + 1) / n, 0.0)
 
 
+def iddpm(process, steps: int) -> np.ndarray:
+    """IDDPM's ``space_timesteps(N, [steps])`` (Nichol & Dhariwal 2021, Sec. 4; ADM, DiT).
+
+    Indices ``round(i (N - 1) / (steps - 1))`` for ``i < steps``, accumulated in floats
+    and rounded half to even exactly as the reference, from ``N - 1`` down to 0; the
+    250-step grid of DiT's ``sample.py``.
+    """
+    n = _discrete_steps(process, steps, "iddpm")
+    stride = (n - 1) / (steps - 1) if steps > 1 else 1
+    idx, cur = [], 0.0
+    for _ in range(steps):
+        idx.append(round(cur))
+        cur += stride
+    return np.append((np.array(idx[::-1], np.float64) + 1) / n, 0.0)
+
+
 GRIDS = {
     "uniform": uniform,
     "logsnr": logsnr,
@@ -116,6 +132,7 @@ GRIDS = {
     "shifted": shifted,
     "trailing": trailing,
     "leading": leading,
+    "iddpm": iddpm,
 }
 
 

@@ -41,6 +41,7 @@ Outside the guidance interval, and at ``scale = 1`` for ``cfg`` and ``apg``
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -216,8 +217,8 @@ the identity (perturbed-attention guidance); jaxgen's DiT and U-Net read it."""
 class Denoiser:
     """What a solver calls: ``step(x, t, state) -> (x0, eps, state)`` and ``init(x) -> state``.
 
-    The state (APG's running sum, cached features) is a pytree a solver carries
-    through its scan from ``init(x_T)``. Calling the denoiser, ``denoise(x, t)``,
+    The state (APG's running sum, cached features, a learned variance) is a pytree a
+    solver carries through its scan from ``init(x_T)``. Calling the denoiser, ``denoise(x, t)``,
     is one evaluation from the initial state: ``(x0, eps)``.
     """
 
@@ -236,6 +237,7 @@ def make_denoiser(
     guidance: Guidance | None = None,
     *,
     cache_interval: int | None = None,
+    learned_variance: bool = False,
 ) -> Denoiser:
     """Build the :class:`Denoiser` of a model, its prediction type and guidance.
 
@@ -257,7 +259,13 @@ def make_denoiser(
       guidance: a :class:`Guidance` (its numbers may be traced; a traced
         ``pag_scale`` means the perturbed pass is compiled in) or ``None``.
       cache_interval: ``k`` above, or ``None`` for no cache.
+      learned_variance: call ``model_fn(..., keep_variance=True)`` (``2C`` channels:
+        the prediction, then IDDPM's variance interpolation ``v``) and keep ``v`` of the
+        conditional pass in ``state["variance"]`` after each evaluation, unguided, as
+        DiT's ``forward_with_cfg`` does (the ``ddpm_learned`` solver reads it).
     """
+    if learned_variance:
+        model_fn = functools.partial(model_fn, keep_variance=True)
     pag = guidance is not None and not (
         isinstance(guidance.pag_scale, int | float) and guidance.pag_scale == 0
     )
@@ -292,6 +300,9 @@ def make_denoiser(
             reuse = lambda: (model_fn(xb, tb, cb, cache=features), features)
             out, features = lax.cond(count % cache_interval == 0, full, reuse)
             state = {**state, "cache": {"features": features, "count": count + 1}}
+        if learned_variance:
+            out, v = jnp.split(out, 2, axis=-1)
+            state = {**state, "variance": jnp.split(v.astype(x.dtype), n)[0]}
         x0, eps = to_x0_eps(out.astype(x.dtype), prediction, x_t=xb, t=t, process=process)
         return list(zip(jnp.split(x0, n), jnp.split(eps, n), strict=True)), state
 
@@ -320,6 +331,8 @@ def make_denoiser(
 
     def init(x):
         state = {} if guidance is None else {"apg": jnp.zeros_like(x)}
+        if learned_variance:
+            state["variance"] = jnp.zeros_like(x)
         if cache_interval is not None:
             xb, cb, _ = inputs(x)
             tb = jnp.zeros((xb.shape[0],), x.dtype)

@@ -28,7 +28,9 @@ conditional one, and any registered solver runs on it:
   ``x0`` in the DDPM posterior mean, ``sigma_t``: its std; ``lambda_t = 1`` while
   ``sigma_t >= a_t noise_std``). The noise cut is part of the step, so this method
   is its own sampler: :func:`ddnm_plus`, DDPM steps (``solver="ddpm"``). With
-  ``noise_std = 0`` it is DDNM with DDPM. The time-travel trick is not implemented.
+  ``noise_std = 0`` it is DDNM with DDPM. Time travel (Sec. 3.3) is an option of it:
+  after reaching some steps the chain goes back ``l`` steps by the forward process and
+  samples that stretch again (:func:`travel_path`), at the cost of more evaluations.
 
 ``dps`` and ``pigdm`` differentiate through the model (one vector-Jacobian
 product per evaluation, about three forward passes of cost).
@@ -241,17 +243,69 @@ def posterior_denoiser(
     return Denoiser(conditional, denoise.init)
 
 
-def ddnm_plus(denoise, x, ts, keys, process, *, operator, y, noise_std: float):
+def travel_path(steps: int, length: int = 0, interval: int | None = None,
+                repeat: int = 2) -> np.ndarray:
+    """The grid indices (0: ``ts[0]``, ``steps``: the end) DDNM+ visits with time travel.
+
+    Wang et al. (2023), Sec. 3.3, with the schedule of their code (``get_schedule_jump``,
+    from RePaint): on the way down, at every ``interval``-th step counted from the end
+    (the last step excluded, and only where ``length`` steps fit above), the chain goes
+    back ``length`` steps and samples them again, ``repeat - 1`` times. Their code ties
+    the interval to the length (``s = l``, the default here) and steps back one grid
+    point at a time; one jump of ``length`` by the forward process is the same draw.
+
+    Args:
+      steps: DDPM steps of the grid.
+      length: travel length ``l`` (0: no travel, the plain path ``0, 1, ..., steps``).
+      interval: travel interval ``s`` (default ``length``).
+      repeat: times each travelled stretch is sampled (``r``; 1: no travel).
+
+    Returns:
+      ``int`` indices; consecutive ones step down by one (a model evaluation) or jump
+      back by ``length`` (forward noise, no evaluation).
+    """
+    interval = max(length, 1) if interval is None else interval
+    bad = [(k, v) for k, v in (("length", length), ("interval", interval), ("repeat", repeat))
+           if not isinstance(v, int | np.integer) or v < (0 if k == "length" else 1)]
+    if bad or length >= max(steps, 1):
+        raise InputError(
+            f"time travel length={length}, interval={interval}, repeat={repeat} with "
+            f"steps={steps}: need ints, 0 <= length < steps, interval >= 1, repeat >= 1."
+        )
+    # Their positions p = steps - 1 ... 0 are our indices steps - 1 - p.
+    trips = {} if length == 0 else {
+        steps - 1 - p: repeat - 1 for p in range(0, steps - length, interval)
+    }
+    path, k = [0], 0
+    while k < steps:
+        k += 1
+        path.append(k)
+        if trips.get(k, 0) > 0:
+            trips[k] -= 1
+            k -= length
+            path.append(k)
+    return np.asarray(path)
+
+
+def ddnm_plus(denoise, x, ts, keys, process, *, operator, y, noise_std: float, path=None):
     """DDNM+ (Wang et al. 2023, Eqs. 17-19): DDPM steps with the scaled range-space fix.
 
     Each step ``t -> s`` is the DDPM posterior ``N(a_t x0 + b_t x_t, sigma_t^2)`` of
     :func:`jaxgen.sampling.ddim` at ``eta = 1``, with ``x0`` replaced by
     ``D - lambda_t A^+ (A D - y)`` and the variance by ``gamma_t`` (module docstring).
+    ``path`` (:func:`travel_path`; default: straight down) adds time travel (Sec. 3.3):
+    a jump back from ``t`` to ``u > t`` draws ``x_u ~ q(x_u | x_t)``, the forward
+    process, as their Sec. 3.3 rolls back and RePaint resamples (their code instead
+    re-noises its last, uncorrected ``x0`` estimate: ``x_u ~ q(x_u | x0)``), so a chain
+    at its target law stays there. Its noise is that of path position ``n``, as a
+    step's is (position ``n`` is step ``n`` without travel).
     """
     alpha, sigma = process.alpha(ts), process.sigma(ts)
+    path = np.arange(len(ts)) if path is None else np.asarray(path)
+    travels = bool(np.any(np.diff(path) < 0))
+    src, dst = jnp.asarray(path[:-1]), jnp.asarray(path[1:])
 
-    def step(carry, i):
-        x, state = carry
+    def restore(x, state, i, n):
         x0, _, state = denoise.step(x, ts[i], state)
         a, s, a1, s1 = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
         var = jnp.clip((s1 / s) ** 2 * (s**2 - (a / a1 * s1) ** 2), 0.0, s1**2)
@@ -261,10 +315,22 @@ def ddnm_plus(denoise, x, ts, keys, process, *, operator, y, noise_std: float):
         lam = jnp.where(noisy, std / jnp.where(noisy, coef * noise_std, 1.0), 1.0)
         gamma = jnp.maximum(var - (coef * lam * noise_std) ** 2, 0.0)
         x0 = x0 - lam * operator.pinv(operator(x0) - y)
-        x = coef * x0 + b * x + jnp.sqrt(gamma) * step_noise(keys, i, x)
-        return (x, state), None
+        return coef * x0 + b * x + jnp.sqrt(gamma) * step_noise(keys, n, x), state
 
-    return lax.scan(step, (x, denoise.init(x)), jnp.arange(len(ts) - 1))[0][0]
+    def travel(x, state, i, j, n):
+        r = alpha[j] / alpha[i]  # q(x_u | x_t) = N(r x_t, sigma_u^2 - r^2 sigma_t^2)
+        std = jnp.sqrt(jnp.maximum(sigma[j] ** 2 - (r * sigma[i]) ** 2, 0.0))
+        return r * x + std * step_noise(keys, n, x), state
+
+    def step(carry, n):
+        x, state = carry
+        if not travels:  # the plain chain compiles no branch
+            return restore(x, state, src[n], n), None
+        go = lambda x, state: restore(x, state, src[n], n)
+        back = lambda x, state: travel(x, state, src[n], dst[n], n)
+        return lax.cond(dst[n] > src[n], go, back, x, state), None
+
+    return lax.scan(step, (x, denoise.init(x)), jnp.arange(len(path) - 1))[0][0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -277,10 +343,11 @@ def _run(config, params, key, ts, y, cond, x_T):
         x_T = process.sigma(ts[0]) * jax.vmap(draw)(per_sample)
     denoise = make_denoiser(functools.partial(model_fn, params), process, prediction, cond)
     if method == "ddnm+":
-        noise_std = dict(extra)["noise_std"]
+        noise_std, path = dict(extra)["noise_std"], dict(extra)["path"]
         return ddnm_plus(denoise, x_T, ts, step_keys, process, operator=operator, y=y,
-                         noise_std=noise_std)
-    denoise = posterior_denoiser(denoise, process, operator, y, method=method, **dict(extra))
+                         noise_std=noise_std, path=path)
+    extra = {k: v for k, v in extra if k != "path"}
+    denoise = posterior_denoiser(denoise, process, operator, y, method=method, **extra)
     spec = SOLVERS[solver]
     return spec.fn(denoise, x_T, ts, step_keys, process, **(dict(spec.fixed) | dict(options)))
 
@@ -304,6 +371,9 @@ def posterior_sample(
     solver_options: dict | None = None,
     cond: Any = None,
     x_T: jax.Array | None = None,
+    travel_length: int = 0,
+    travel_interval: int | None = None,
+    travel_repeat: int = 2,
 ) -> tuple[jax.Array, dict]:
     """Sample ``p(x0 | y)`` for ``y = A x0 + n`` with a diffusion prior (module docstring).
 
@@ -323,10 +393,14 @@ def posterior_sample(
       solver_options: its keyword options.
       cond: conditioning pytree for the prior, or ``None``.
       x_T: starting point at the grid's first time (overrides the noise from ``key``).
+      travel_length, travel_interval, travel_repeat: ``ddnm+`` only: time travel
+        ``l``, ``s``, ``r`` of :func:`travel_path` (``travel_length = 0``: none).
 
     Returns:
       ``(x0, info)`` with ``info = {"nfe", "timesteps"}``; for ``dps`` and ``pigdm``
-      every model evaluation also runs a vector-Jacobian product.
+      every model evaluation also runs a vector-Jacobian product; with time travel
+      ``nfe`` counts the stretches sampled again, and ``info["path"]`` gives the grid
+      indices visited.
     """
     if method not in METHODS:
         raise InputError(f"method={method!r}: use one of {', '.join(METHODS)}.")
@@ -342,7 +416,11 @@ def posterior_sample(
         raise InputError(
             f"noise_std={noise_std}, data_var={data_var}, zeta={zeta}: need >= 0, > 0."
         )
+    if travel_length and method != "ddnm+":
+        raise InputError(f"travel_length={travel_length}: time travel is an option of "
+                         f"method='ddnm+', not {method!r}.")
     spec, options = check_solver(solver, solver_options)
+    path = travel_path(steps, travel_length, travel_interval, travel_repeat)
     shape = tuple(int(s) for s in shape)
     want = tuple(operator.out_shape(shape))
     if tuple(jnp.shape(y)) != want:
@@ -350,10 +428,14 @@ def posterior_sample(
             f"y has shape {tuple(jnp.shape(y))}; {operator!r} on {shape} gives {want}."
         )
     ts = make_grid(process.default_grid, process, steps)
-    extra = (("noise_std", noise_std), ("zeta", zeta), ("data_var", data_var))
+    extra = (("noise_std", noise_std), ("zeta", zeta), ("data_var", data_var),
+             ("path", tuple(path.tolist())))
     config = (model_fn, process, prediction, operator, method, solver, options, shape, extra)
     ts_in = jnp.asarray(ts, jnp.result_type(float))
     x = _run(config, params, key, ts_in, jnp.asarray(y), cond, x_T)
     clean_end = float(process.sigma(jnp.asarray(ts[-1]))) == 0.0
     nfe = spec.evals_per_step * steps - (spec.free_final if clean_end else 0)
+    if method == "ddnm+":  # one evaluation per step down the path, travel included
+        nfe = int(np.sum(np.diff(path) > 0))
+        return x, {"nfe": nfe, "timesteps": ts, "path": path}
     return x, {"nfe": nfe, "timesteps": ts}

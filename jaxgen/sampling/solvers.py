@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxgen.diffusion import vlb
 from jaxgen.errors import InputError
 
 
@@ -68,6 +69,35 @@ def ddim(denoise, x, ts, keys, process, *, eta: float = 0.0, s_noise: float = 1.
         return (a1 * x0 + jnp.sqrt(s1**2 - var) * eps + jnp.sqrt(var) * z, state), None
 
     return lax.scan(step, (x, denoise.init(x)), jnp.arange(len(ts) - 1))[0][0]
+
+
+def ddpm_learned(denoise, x, ts, keys, process):
+    """Ancestral DDPM with IDDPM's learned-range variance (Nichol & Dhariwal 2021, Eq. 15).
+
+    ``x_s = mu~(x_t, x0) + exp(log Sigma / 2) z``: the posterior mean of Ho et al. (2020,
+    Eq. 7) and ``log Sigma = frac log beta + (1 - frac) log beta~``, ``frac = (v + 1) / 2``,
+    from the variance channels ``v`` of the same evaluation (``state["variance"]`` of a
+    denoiser built with ``learned_variance=True``; under CFG the conditional pass's, as
+    DiT's ``forward_with_cfg``). ``beta = 1 - abar_t / abar_s`` is the step's own beta,
+    IDDPM's respaced one (:func:`jaxgen.diffusion.vlb.posterior`). The step into
+    ``t = 0`` returns ``x0`` without noise. On the ``iddpm`` grid this is ADM's and DiT's
+    ``p_sample_loop`` of a respaced diffusion with ``clip_denoised=False``.
+    """
+    state = denoise.init(x)
+    if "variance" not in state:
+        raise InputError("ddpm_learned needs the model's variance: a denoiser built with "
+                         "make_denoiser(..., learned_variance=True), as sampling.sample does.")
+    c_x0, c_xt, log_beta, log_var = vlb.posterior(process, ts[:-1], ts[1:])  # once
+    noisy = process.sigma(ts[1:]) > 0  # log_var is -inf into t = 0
+
+    def step(carry, i):
+        x, state = carry
+        x0, _, state = denoise.step(x, ts[i], state)
+        log_sigma2 = vlb.learned_range_log_variance(state["variance"], log_beta[i], log_var[i])
+        noise = jnp.where(noisy[i], jnp.exp(0.5 * log_sigma2), 0.0) * step_noise(keys, i, x)
+        return (c_x0[i] * x0 + c_xt[i] * x + noise, state), None
+
+    return lax.scan(step, (x, state), jnp.arange(len(ts) - 1))[0][0]
 
 
 # Butcher tableaus (A below the diagonal, b, c) of explicit Runge-Kutta methods.

@@ -25,7 +25,8 @@ from jaxgen.sampling.guidance import make_denoiser
 def _check_deterministic(solver: str, options: tuple) -> dict:
     spec = SOLVERS[solver]
     opts = {**getattr(spec.fn, "keywords", {}), **dict(spec.fixed), **dict(options)}
-    if solver == "euler_maruyama" or opts.get("eta", 0) or opts.get("s_churn", 0):
+    if (solver == "euler_maruyama" or spec.learned_variance or opts.get("eta", 0)
+            or opts.get("s_churn", 0)):
         raise InputError(
             f"solver={solver!r} with options {dict(options)} adds noise; a teacher's ODE "
             "step must be deterministic: use 'heun', 'euler', 'ddim', 'dpmpp_2m', 'rk4', ..."

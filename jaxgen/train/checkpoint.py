@@ -222,10 +222,10 @@ class Checkpointer:
         """Orbax's restore of ``step`` into ``target``, also for an older layout of the state.
 
         A checkpoint saved before a field of a dataclass ``target`` existed
-        (:attr:`jaxgen.train.TrainState.constants` and ``.phema``, ``None``
-        when unused) lacks it, and orbax refuses a target with a key the
+        (:attr:`jaxgen.train.TrainState.constants`, ``.phema`` and ``.target``,
+        ``None`` when unused) lacks it, and orbax refuses a target with a key the
         checkpoint lacks, even an empty one: such a checkpoint is restored
-        without the target's ``None`` fields, which stay ``None``.
+        without the target's ``None`` fields it lacks, which stay ``None``.
         """
         args = lambda item: ocp.args.Composite(state=ocp.args.StandardRestore(item),
                                                extra=ocp.args.JsonRestore())
@@ -234,7 +234,9 @@ class Checkpointer:
         except ValueError:  # a tree that differs from the saved one
             fields = ({f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
                       if dataclasses.is_dataclass(target) else {})
-            unused = [name for name, value in fields.items() if value is None]
+            saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            unused = [name for name, value in fields.items()
+                      if value is None and name not in saved.tree]
             if not unused:
                 raise
         item = {name: value for name, value in fields.items() if name not in unused}

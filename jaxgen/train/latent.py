@@ -3,14 +3,24 @@
 ``config.latent`` (see :mod:`jaxgen.configs.base`) turns it on: ``vae`` the
 autoencoder's weight file, ``vae_model`` its :func:`jaxgen.models.create_model`
 name (``vae_kwargs`` overriding fields, for a small one), ``scale`` and
-``shift`` (floats, or one per latent channel as EDM2 uses). The training data
-is a latent dataset of ``python -m jaxgen.encode`` (posterior moments); each
-step draws a fresh latent from the posterior and scales it, as DiT does
+``shift`` (numbers, or one per latent channel as EDM2 uses), ``unit_range``
+(the VAE's images are in [0, 1], not [-1, 1]). The training data is a latent
+dataset of ``python -m jaxgen.encode`` (posterior moments); each step draws a
+fresh latent from the posterior and scales it, as DiT does
 (``vae.encode(x).latent_dist.sample().mul_(0.18215)``):
 
     z = scale * (mean + exp(logvar / 2) * eps - shift),   eps ~ N(0, I),
 
 and a sample ``z`` becomes an image through ``decode(z / scale + shift)``.
+
+EDM2 (NVlabs/edm2 ``training/encoders.py``, ``StabilityVAEEncoder``) normalises
+per channel, ``z = x * s + b`` with ``s = final_std / raw_std`` and
+``b = final_mean - raw_mean * s``; with ``final_mean = 0`` that is the form
+above with ``scale = final_std / raw_std`` and ``shift = raw_mean``, and its
+``decode`` ``(z - b) / s`` is ``z / scale + shift``. It also feeds the VAE
+``x / 255`` and reads its output as [0, 1] (``unit_range``); images are then
+mapped to model space [-1, 1] before jaxgen's one uint8 rule (EDM2 truncates,
+``clamp(0, 1) * 255``, so its uint8 are at most one level lower).
 """
 
 from __future__ import annotations
@@ -48,16 +58,29 @@ def make_vae(config: ml_collections.ConfigDict) -> AutoencoderKL:
     return vae
 
 
-def channel_values(value: Any, channels: int, key: str) -> np.ndarray:
-    """``latent.scale`` or ``latent.shift`` as float32 ``[channels]`` (a float is repeated)."""
-    a = np.asarray(value, np.float32).reshape(-1)
-    if a.size == 1:
-        a = np.repeat(a, channels)
-    if a.shape != (channels,) or not np.all(np.isfinite(a)) or (key == "scale" and
-                                                                 np.any(a == 0)):
-        raise InputError(f"latent.{key}={value!r}: give a finite number or {channels} "
-                         f"(one per latent channel){', none 0' if key == 'scale' else ''}.")
-    return a
+def channel_values(value: Any, channels: int, name: str) -> np.ndarray:
+    """A latent scale or shift as float32 ``[channels]`` (a number is repeated).
+
+    Args:
+      value: a number, or a sequence of one number per latent channel.
+      channels: the VAE's latent channels.
+      name: what errors call it (``"latent.scale"``, ``"--shift"``); a scale may not be 0.
+
+    Raises:
+      InputError: not numbers, another count than 1 or ``channels``, not finite, a zero scale.
+    """
+    fix = f"give one number or {channels} (one per latent channel)"
+    try:
+        a = np.asarray(value, np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}={value!r}: not numbers; {fix}.") from None
+    if a.size not in (1, channels):
+        raise InputError(f"{name}={value!r}: {a.size} values for a VAE of {channels} latent "
+                         f"channels; {fix}.")
+    is_scale = name.endswith("scale")
+    if not np.all(np.isfinite(a)) or (is_scale and np.any(a == 0)):
+        raise InputError(f"{name}={value!r}: {fix}, finite{' and none 0' if is_scale else ''}.")
+    return np.repeat(a, channels) if a.size == 1 else a
 
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -70,7 +93,8 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def check_dataset(config: ml_collections.ConfigDict, source) -> None:
-    """Refuse latents made with another VAE, model, scale or shift than ``config.latent``.
+    """Refuse latents made with another VAE, model, scale, shift or pixel range than
+    ``config.latent``.
 
     Raises:
       InputError: naming the dataset's ``meta.json`` and the first difference; also a
@@ -89,15 +113,18 @@ def check_dataset(config: ml_collections.ConfigDict, source) -> None:
     vae = make_vae(config)
     c = vae.latent_channels
     mine = {"vae_model": config.latent.vae_model,
-            "scale": channel_values(config.latent.scale, c, "scale").tolist(),
-            "shift": channel_values(config.latent.shift, c, "shift").tolist()}
+            "scale": channel_values(config.latent.scale, c, "latent.scale").tolist(),
+            "shift": channel_values(config.latent.shift, c, "latent.shift").tolist(),
+            "unit_range": bool(config.latent.get("unit_range", False))}
     theirs = {"vae_model": meta["vae_model"],
-              "scale": channel_values(meta["scale"], c, "scale").tolist(),
-              "shift": channel_values(meta["shift"], c, "shift").tolist()}
+              "scale": channel_values(meta["scale"], c, f"{where}: scale").tolist(),
+              "shift": channel_values(meta["shift"], c, f"{where}: shift").tolist(),
+              "unit_range": bool(meta.get("unit_range", False))}
     for key in mine:
         if mine[key] != theirs[key]:
-            raise InputError(f"{where}: encoded with {key}={meta[key]!r}, but latent.{key}="
-                             f"{config.latent[key]!r}; use the dataset's value or encode again.")
+            raise InputError(f"{where}: encoded with {key}={meta.get(key, False)!r}, but "
+                             f"latent.{key}={config.latent.get(key, False)!r}; use the "
+                             "dataset's value or encode again.")
     vae_id = weights_identity(config.latent.vae)
     if vae_id["sha256"] != meta["vae"]["sha256"]:
         raise InputError(f"{where}: encoded with VAE {meta['vae']['name']} (sha256 "
@@ -113,29 +140,37 @@ class LatentSpace:
       vae: the autoencoder module.
       variables: its weights (replicated over the run's mesh once loaded).
       scale, shift: float32 ``[c]``.
+      unit_range: the VAE's images are in [0, 1] (EDM2), not [-1, 1].
     """
 
     vae: AutoencoderKL
     variables: Any
     scale: np.ndarray
     shift: np.ndarray
+    unit_range: bool = False
 
     @functools.cached_property
     def decode(self):
         """``decode(variables, z) -> images`` in [-1, 1] (NHWC float32) of model-space
-        latents ``z``: ``vae.decode(z / scale + shift)``; one function object, so the
-        compiled decoder is reused (the weights stay a traced argument)."""
+        latents ``z``: ``y = vae.decode(z / scale + shift)``, or ``2 y - 1`` for a [0, 1]
+        VAE (the uint8 rule clips as EDM2's ``clamp(0, 1)`` does); one function object, so
+        the compiled decoder is reused (the weights stay a traced argument)."""
         scale, shift = jnp.asarray(self.scale), jnp.asarray(self.shift)
-        return lambda variables, z: self.vae.apply(variables, z / scale + shift, method="decode")
+
+        def decode(variables, z):
+            y = self.vae.apply(variables, z / scale + shift, method="decode")
+            return 2 * y - 1 if self.unit_range else y
+
+        return decode
 
 
 def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSpace:
     """The :class:`LatentSpace` of ``config.latent``, its weights replicated over ``mesh``."""
     vae = make_vae(config)
-    c = vae.latent_channels
+    scale, shift = (channel_values(config.latent[k], vae.latent_channels, f"latent.{k}")
+                    for k in ("scale", "shift"))
     variables = jax.device_put(load_weights(config.latent.vae, vae), replicated(mesh))
-    return LatentSpace(vae, variables, channel_values(config.latent.scale, c, "scale"),
-                       channel_values(config.latent.shift, c, "shift"))
+    return LatentSpace(vae, variables, scale, shift, bool(config.latent.get("unit_range", False)))
 
 
 def sample_latents(moments: jax.Array, key: jax.Array, scale: np.ndarray,
@@ -156,5 +191,6 @@ def make_to_x0(config: ml_collections.ConfigDict, channels: int):
     latent run (``channels`` latent channels) :func:`sample_latents` of the moments."""
     if not enabled(config):
         return lambda images, key: to_model_space(images)
-    scale, shift = (channel_values(config.latent[k], channels, k) for k in ("scale", "shift"))
+    scale, shift = (channel_values(config.latent[k], channels, f"latent.{k}")
+                    for k in ("scale", "shift"))
     return lambda moments, key: sample_latents(moments, key, scale, shift)

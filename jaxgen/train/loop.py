@@ -23,7 +23,7 @@ from jaxgen.models import count_params
 from jaxgen.parallel import initialize_distributed, make_mesh
 from jaxgen.train import latent, repa
 from jaxgen.train.checkpoint import Checkpointer
-from jaxgen.train.consistency import with_teacher
+from jaxgen.train.consistency import needs_teacher, teacher_steps, with_teacher
 from jaxgen.train.monitoring import (
     fid_of_samples,
     image_grid,
@@ -261,13 +261,17 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"grid of 64 + FID of {config.eval.fid_samples} samples of weights "
         f"{default_weights_name(config)} vs "
         f"{config.eval.fid_reference} ("
-        f"{'consistency sampler' if parts.is_consistency else config.eval.solver}, "
+        f"{_eval_sampler(parts)}, "
         f"{config.eval.steps} steps)",
     ]
-    if config.diffusion.get("loss") == "cd":
-        lines.append(f"distill: teacher {config.distill.teacher} (weights "
-                     f"{config.distill.teacher_weights or 'its default'}), one "
-                     f"{config.distill.solver} step of its ODE per target")
+    if needs_teacher(config):
+        d = config.distill
+        how = {"cd": f"one {d.solver} step of its ODE per target",
+               "scm": "its PF-ODE velocity for the tangent",
+               "pd": f"{teacher_steps(config)} DDIM steps -> {teacher_steps(config) // 2}, "
+                     "the student starting from its weights"}[config.diffusion.loss]
+        lines.append(f"distill: teacher {d.teacher} (weights "
+                     f"{d.teacher_weights or 'its default'}), {how}")
     if repa.enabled(config):
         r = config.train.repa
         lines.append(f"repa: tokens after block {r.depth} -> projector {r.projector_dim} -> "
@@ -277,6 +281,13 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
         lines.append(f"power-EMA snapshots: every {_snapshot_every(config)} steps, in "
                      f"{snapshot_folder(workdir)}")
     return "\n".join(lines)
+
+
+def _eval_sampler(parts: RunParts) -> str:
+    """The sampler the run's evaluations use (see :func:`sample_images`)."""
+    if parts.is_consistency:
+        return "consistency sampler"
+    return "ddim" if parts.config.diffusion.get("loss") == "pd" else parts.config.eval.solver
 
 
 class _Signals:
@@ -468,7 +479,7 @@ def train_and_evaluate(
     # Everything is checked before anything is written: a refused start leaves no trace.
     rewrite_config = check_config(workdir_path, config_json, allow_config_change)
     parts, source = build(config, module=module, loss_fn=loss_fn, frozen=frozen)
-    if loss_fn is None and config.diffusion.get("loss") == "cd":
+    if loss_fn is None and needs_teacher(config):
         parts = with_teacher(parts)  # distill.teacher's weights, checked against the student
     lock = WorkdirLock(workdir_path)
     created = main and not workdir_path.exists()

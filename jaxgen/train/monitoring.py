@@ -16,6 +16,7 @@ from PIL import Image
 
 from jaxgen import sampling
 from jaxgen.data import ArraySource, FirstN, open_source, pad_images
+from jaxgen.diffusion.distillation import progressive_times
 from jaxgen.errors import InputError
 from jaxgen.files import open_atomic
 from jaxgen.metrics import GaussianStats, frechet_distance, save_stats
@@ -41,6 +42,8 @@ def sample_images(
     steps: int,
     cfg_scale: float = 1.0,
     solver_options: dict | None = None,
+    guidance_options: dict | None = None,
+    cache_interval: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield ``num`` uint8 samples of a run's model in batches, through
     :func:`jaxgen.sampling.generate` (the one generation loop).
@@ -59,26 +62,46 @@ def sample_images(
       batch_size: samples per device call.
       solver, steps: :func:`jaxgen.sampling.sample`'s solver and step count; a
         consistency model (:attr:`RunParts.is_consistency`) ignores ``solver`` and takes
-        ``steps`` evaluations of :func:`jaxgen.sampling.consistency_sample`.
+        ``steps`` evaluations of :func:`jaxgen.sampling.consistency_sample`; a
+        progressive-distillation student (``diffusion.loss = "pd"``) ignores it too and
+        samples with deterministic DDIM on the times it was distilled for
+        (:func:`jaxgen.diffusion.distillation.progressive_times`), as Salimans & Ho (2022).
       cfg_scale: classifier-free guidance weight (1: none); needs a
         class-conditional model trained with label dropout.
       solver_options: solver-specific keywords.
+      guidance_options: more :class:`jaxgen.sampling.Guidance` fields (``method``,
+        ``interval``, ``rescale``, ``channels``, ``apg_*``, ``pag_scale``). The
+        unconditional pass runs when ``cfg_scale != 1`` or ``method`` is not ``"cfg"``
+        (CFG++ at ``lambda = 1`` still re-noises with the unconditional ``eps``);
+        ``pag_scale`` alone is perturbed-attention guidance without it.
+      cache_interval: feature caching, as for :func:`jaxgen.sampling.sample` (``None``: off).
     """
     if not np.isfinite(cfg_scale):
         raise InputError(f"cfg_scale={cfg_scale} must be a finite number (1: no guidance).")
-    if cfg_scale != 1.0 and not parts.num_classes:
+    options = dict(guidance_options or {})
+    method = options.get("method", "cfg")
+    unconditional = cfg_scale != 1.0 or method != "cfg"
+    if unconditional and not parts.num_classes:
         raise InputError(
-            f"cfg_scale={cfg_scale} needs a class-conditional model; this one has no classes."
+            f"cfg_scale={cfg_scale} (method {method!r}) needs a class-conditional model; "
+            "this one has no classes."
         )
-    guidance = sampling.Guidance(cfg_scale, uncond=parts.null_cond) if cfg_scale != 1.0 else None
+    guidance = None
+    if unconditional or options.get("pag_scale", 0.0):
+        uncond = parts.null_cond if unconditional else None
+        guidance = sampling.Guidance(cfg_scale, uncond=uncond, **options)
     how = dict(prediction=parts.prediction, solver=solver, steps=steps, guidance=guidance,
-               solver_options=solver_options)
+               solver_options=solver_options, cache_interval=cache_interval)
     if parts.is_consistency:  # Algorithm 1 of Song et al. (2023): NFE = steps, no solver
-        if guidance is not None:
-            raise InputError(f"cfg_scale={cfg_scale}: a consistency model samples without "
-                             "guidance; use 1.")
-        how = dict(sampler=sampling.consistency_sample,
+        if guidance is not None or cache_interval is not None:
+            raise InputError(f"cfg_scale={cfg_scale}, guidance {options}, cache_interval="
+                             f"{cache_interval}: a consistency model samples without guidance "
+                             "or feature caching; use cfg_scale 1, no options, no cache.")
+        how = dict(sampler=sampling.consistency_sample, prediction=parts.prediction,
                    ts=sampling.consistency_times(parts.process, steps))
+    elif parts.config.diffusion.get("loss") == "pd":
+        how.update(solver="ddim", solver_options=None,
+                   grid=progressive_times(parts.process, steps))
     labels = None
     if parts.num_classes:
         labels = lambda idx: {"label": jnp.asarray(class_labels(idx, parts.num_classes))}

@@ -31,25 +31,34 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict
 from jax.sharding import Mesh, NamedSharding
 
 from jaxgen import diffusion
+from jaxgen.diffusion import vlb
 from jaxgen.diffusion.consistency import consistency_precond
 from jaxgen.diffusion.edm2_loss import edm2_loss
 from jaxgen.errors import InputError
 from jaxgen.models import EDM2, LOGICAL_AXIS_RULES, as_model_fn, create_model, force_normalize
 from jaxgen.parallel import batch_sharding, replicated
 from jaxgen.train import repa
-from jaxgen.train.consistency import CONSISTENCY_LOSSES, check_consistency, consistency_loss
+from jaxgen.train.consistency import (
+    FEW_STEP_LOSSES,
+    check_consistency,
+    consistency_loss,
+    target_ema,
+    wrap_few_step_model,
+)
 from jaxgen.train.latent import LatentSpace, load_latent_space, make_to_x0
 from jaxgen.train.latent import enabled as latent_enabled
 from jaxgen.train.phema import PowerEMAState, power_ema_init, power_ema_update, sigma_rel_to_gamma
 from jaxgen.train.schedules import inverse_sqrt_schedule
 
-PROCESSES = {"vp": diffusion.VP, "edm": diffusion.EDM, "flow": diffusion.Flow}
+PROCESSES = {"vp": diffusion.VP, "edm": diffusion.EDM, "flow": diffusion.Flow,
+             "trigflow": diffusion.TrigFlow}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("constant", "cosine", "inverse_sqrt")
-LOSSES = ("denoising", "edm2", *CONSISTENCY_LOSSES)
+LOSSES = ("denoising", "edm2", *FEW_STEP_LOSSES)
 
 PARAM_CONSTRAINTS: dict[type, Callable[[Any], Any]] = {EDM2: force_normalize}
 """Modules whose stored weights are projected after init and after every optimizer update:
@@ -79,6 +88,10 @@ class TrainState:
       phema: the power-function EMAs of ``train.phema_sigma_rels``
         (:class:`jaxgen.train.phema.PowerEMAState`, ``emas[i]`` for the i-th
         sigma_rel); ``None`` when the list is empty.
+      target: consistency distillation's target network ``theta-`` (Song et al.
+        2023, Algorithm 2: ``theta- <- mu theta- + (1 - mu) theta`` after each update,
+        ``mu = distill.target_ema``), given to the loss as ``target_params``;
+        ``None`` when ``mu = 0`` (the target is the current weights).
     """
 
     step: jax.Array
@@ -88,6 +101,7 @@ class TrainState:
     rng: jax.Array
     constants: dict[str, Any] | None = None
     phema: PowerEMAState | None = None
+    target: Any = None
 
 
 def ema_name(decay: float) -> str:
@@ -146,7 +160,7 @@ def make_process(cfg: ml_collections.ConfigDict):
         raise InputError(f"diffusion.process={cfg.process!r}: use one of {', '.join(PROCESSES)}.")
     kwargs = {k: tuple(v) if isinstance(v, list) else v
               for k, v in dict(cfg.get("process_kwargs", {})).items()}
-    if cfg.process == "edm":
+    if cfg.process in ("edm", "trigflow"):
         _add_sigma_data(kwargs, cfg, "process_kwargs")
     return PROCESSES[cfg.process](**kwargs)
 
@@ -174,6 +188,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     if hasattr(module, "sigma_data"):  # a model that preconditions itself (EDM2)
         _add_sigma_data(kwargs, config.diffusion, "model.kwargs")
         module = module.clone(sigma_data=kwargs["sigma_data"])
+    module = wrap_few_step_model(config, module)  # sCM's adaptive-weight head
     return repa.wrap_model(config, module)  # REPA's projector when train.repa is on
 
 
@@ -236,7 +251,8 @@ in training mode (dropout on), keywords passed to the module's call (EDM2's
 ``return_logvar=True``). A run with frozen weights (:attr:`RunParts.frozen`: a
 distillation teacher, a feature encoder) calls ``loss_fn(..., key, frozen=frozen)``
 with them as traced arrays; a loss with a ``step`` keyword (iCT's curriculum) gets
-``step=`` the number of optimizer updates so far (traced int32)."""
+``step=`` the number of optimizer updates so far (traced int32); a run with a target
+network (:attr:`TrainState.target`) passes it as ``target_params=``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +282,7 @@ class RunParts:
     loss_fn: LossFn
     constants: dict[str, Any] | None = None
     frozen: Any = None
+    start: Any = None
 
     def with_constants(self, constants: dict[str, Any] | None) -> RunParts:
         """These parts with the model's fixed collections (``state.constants``) bound."""
@@ -279,9 +296,11 @@ class RunParts:
 
     @property
     def is_consistency(self) -> bool:
-        """Whether the model is a consistency function (``diffusion.precond = "consistency"``):
-        sampled in ``steps`` evaluations by :func:`jaxgen.sampling.consistency_sample`."""
-        return self.config.diffusion.precond == "consistency"
+        """Whether the model is a consistency function (``diffusion.precond = "consistency"``,
+        or an sCM, ``diffusion.loss = "scm"``): sampled in ``steps`` evaluations by
+        :func:`jaxgen.sampling.consistency_sample`."""
+        return (self.config.diffusion.precond == "consistency"
+                or self.config.diffusion.get("loss") == "scm")
 
     @property
     def num_classes(self) -> int:
@@ -314,8 +333,10 @@ class RunParts:
 
         EDM preconditioning (``diffusion.precond == "edm"``) wraps the network
         here, so the backbone never sees raw ``x_t`` and ``t`` (it gets
-        ``c_noise = ln(sigma) / 4``); otherwise it sees ``diffusion.time_scale * t``
-        (1000 reproduces DDPM/DiT's step-index embedding for ``t`` in [0, 1]), or
+        ``c_noise = ln(sigma) / 4``); TrigFlow's (``"trigflow"``, Lu & Song 2024,
+        Sec. 3) returns the velocity ``sigma_d F(x_t / sigma_d, time_scale * t)``;
+        otherwise it sees ``diffusion.time_scale * t + diffusion.time_shift``
+        (1000 and -1: DDPM/DiT's 0-based step index ``k - 1`` at ``t = k / N``), or
         with ``diffusion.reverse_time`` SiT's time ``1 - t`` (its interpolants run
         from noise at 0 to data at 1), a velocity then negated. A
         learned-sigma output keeps only the prediction channels (:func:`jaxgen.models.as_model_fn`).
@@ -331,16 +352,21 @@ class RunParts:
         if self.config.diffusion.precond == "edm":
             sigma_data = getattr(self.process, "sigma_data", self.config.diffusion.sigma_data)
             return diffusion.edm_precond(raw, self.process, sigma_data)(params, x_t, t, cond)
-        if self.is_consistency:  # c_skip = 1, c_out = 0 at sigma_min: f(x, sigma_min) = x
+        if self.config.diffusion.precond == "consistency":  # f(x, sigma_min) = x exactly
             precond = consistency_precond(raw, self.process,
                                           sigma_data=self.config.diffusion.sigma_data)
             return precond(params, x_t, t, cond)
+        if self.config.diffusion.precond == "trigflow":  # velocity sigma_d F(x_t / sigma_d, t)
+            sd = self.process.sigma_data
+            out = raw(params, x_t / sd, self.config.diffusion.get("time_scale", 1.0) * t, cond)
+            return (sd * out[0], *out[1:]) if isinstance(out, tuple) else sd * out
         if self.config.diffusion.get("reverse_time", False):  # SiT: t = 1 is the data
             out = raw(params, x_t, self.config.diffusion.get("time_scale", 1.0) * (1 - t), cond)
             if self.prediction != "velocity":
                 return out
             return (-out[0], *out[1:]) if isinstance(out, tuple) else -out  # REPA: (v, tokens)
-        return raw(params, x_t, self.config.diffusion.get("time_scale", 1.0) * t, cond)
+        time = self.config.diffusion.get("time_scale", 1.0) * t
+        return raw(params, x_t, time + self.config.diffusion.get("time_shift", 0.0), cond)
 
     def example_inputs(self, batch: int = 1):
         """Abstract ``(x, t, cond)`` to initialise the model with."""
@@ -375,11 +401,13 @@ def make_run_parts(
         process, prediction, time sampler and weighting of ``config.diffusion``.
       frozen: weights ``loss_fn`` takes as ``frozen=`` (:attr:`RunParts.frozen`).
     """
-    if config.diffusion.precond not in ("none", "edm", "consistency"):
-        raise InputError(f"diffusion.precond={config.diffusion.precond!r}: use 'none', 'edm' "
-                         "or 'consistency'.")
+    if config.diffusion.precond not in ("none", "edm", "consistency", "trigflow"):
+        raise InputError(f"diffusion.precond={config.diffusion.precond!r}: use 'none', 'edm', "
+                         "'consistency' or 'trigflow'.")
     preconditioned = config.diffusion.precond in ("edm", "consistency")
     prediction = "x0" if preconditioned else config.diffusion.prediction
+    if config.diffusion.precond == "trigflow":
+        prediction = "velocity"  # TrigFlow's model is its PF-ODE's dx_t/dt
     process = make_process(config.diffusion)
     check_consistency(config, process)
     if module is None:
@@ -391,10 +419,11 @@ def make_run_parts(
             f"{config.diffusion.sigma_data}; the model preconditions with it, so they must agree."
         )
     _check_phema(config)
-    if loss_fn is None and config.diffusion.get("loss") in CONSISTENCY_LOSSES:
-        loss_fn = consistency_loss(config, process, total_updates)
+    if loss_fn is None and config.diffusion.get("loss") in FEW_STEP_LOSSES:
+        loss_fn = consistency_loss(config, process, total_updates, prediction)
     if loss_fn is None:
         loss_fn = _make_loss(config.diffusion, module, process, prediction)
+    loss_fn = _with_learned_variance(config.diffusion, module, process, prediction, loss_fn)
     return RunParts(
         module=module,
         process=process,
@@ -443,6 +472,29 @@ def _make_loss(cfg: ml_collections.ConfigDict, module: nn.Module, process,
     return functools.partial(_edm2_loss, sigma_data=cfg.sigma_data, **kwargs)
 
 
+def _with_learned_variance(cfg: ml_collections.ConfigDict, module: nn.Module, process,
+                           prediction: str, loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` plus IDDPM's ``L_vlb`` on the model's variance channels when
+    ``diffusion.learned_variance = "vlb"`` (:func:`jaxgen.diffusion.vlb.hybrid_loss`)."""
+    mode = cfg.get("learned_variance", "")
+    if mode not in ("", "vlb"):
+        raise InputError(f"diffusion.learned_variance={mode!r}: use '' (off) or 'vlb'.")
+    if not mode:
+        return loss_fn
+    what = "diffusion.learned_variance='vlb'"
+    if not getattr(module, "learn_sigma", False):
+        raise InputError(f"{what} trains a model's variance channels; {type(module).__name__} "
+                         "has none: set model.kwargs.learn_sigma=True.")
+    vlb.check_discrete_vp(process, what)
+    want = dict(loss="denoising", precond="none", time_sampler="discrete", reverse_time=False)
+    wrong = {k: cfg.get(k) for k, v in want.items() if cfg.get(k, v) != v}
+    if wrong:
+        raise InputError(f"{what} needs diffusion." + ", ".join(f"{k}={v!r}" for k, v in
+                         want.items()) + f" (the bound's N steps); got {wrong}.")
+    return functools.partial(vlb.hybrid_loss, base_loss=loss_fn, process=process,
+                             prediction=prediction)
+
+
 def _edm2_loss(model_fn, params, x0, cond, key, **kwargs):
     """:func:`jaxgen.diffusion.edm2_loss.edm2_loss` over the model's ``(denoised, logvar)``."""
     return edm2_loss(functools.partial(model_fn, return_logvar=True), params, x0, cond, key,
@@ -461,11 +513,13 @@ def _check_phema(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _init_boxed(parts: RunParts, key: jax.Array) -> TrainState:
+def _init_boxed(parts: RunParts, key: jax.Array, start: Any = None) -> TrainState:
     x, t, cond = parts.example_inputs()
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)
     variables = dict(parts.module.init(key, zeros(x), zeros(t), jax.tree.map(zeros, cond)))
     params = variables.pop("params")
+    if start is not None:  # a distilled student starts as its teacher (RunParts.start)
+        params = _start_from(params, start)
     if parts.param_constraint is not None:
         params = parts.param_constraint(params)
     decays = parts.config.train.ema_decays
@@ -478,7 +532,28 @@ def _init_boxed(parts: RunParts, key: jax.Array) -> TrainState:
         rng=jax.random.fold_in(key, 1),
         constants=variables or None,
         phema=power_ema_init(params, sigma_rels) if sigma_rels else None,
+        target=params if target_ema(parts.config) > 0 else None,
     )
+
+
+def _start_from(params: Any, start: Any) -> Any:
+    """``params`` (boxed) with every leaf that ``start`` holds replaced by ``start``'s.
+
+    Leaves ``start`` lacks (a wrapper's head, e.g. sCM's adaptive weight) keep their
+    initialisation; the caller has checked that the paths and shapes fit
+    (:func:`jaxgen.train.consistency.check_start`).
+    """
+    given = flatten_dict(start)
+
+    def pick(path, leaf):
+        key = tuple(getattr(k, "key", k) for k in path)
+        if key not in given:
+            return leaf
+        value = jnp.asarray(given[key], nn.unbox(leaf).dtype)
+        return leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value
+
+    return jax.tree_util.tree_map_with_path(
+        pick, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def state_shardings(parts: RunParts) -> TrainState:
@@ -500,10 +575,12 @@ def abstract_state(parts: RunParts) -> TrainState:
 
 
 def init_state(parts: RunParts, seed: int) -> TrainState:
-    """A fresh train state, created directly in its shardings."""
+    """A fresh train state, created directly in its shardings; its weights (and EMAs)
+    start as :attr:`RunParts.start` where that is set (a distillation teacher's)."""
     key = jax.random.key_data(jax.random.key(seed))
-    init = jax.jit(lambda k: nn.unbox(_init_boxed(parts, k)), out_shardings=state_shardings(parts))
-    return init(key)
+    init = jax.jit(lambda k, start: nn.unbox(_init_boxed(parts, k, start)),
+                   out_shardings=state_shardings(parts))
+    return init(key, parts.start)
 
 
 def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -535,6 +612,7 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
     loss_kwargs = (lambda frozen: {}) if parts.frozen is None else (
         lambda frozen: {"frozen": frozen})
     takes_step = "step" in inspect.signature(parts.loss_fn).parameters
+    mu = target_ema(cfg)
 
     def step_fn(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.rng, state.step)
@@ -548,6 +626,8 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
 
         def objective(params):
             step_kwargs = {"step": _update_count(state.opt_state)} if takes_step else {}
+            if state.target is not None:
+                step_kwargs["target_params"] = state.target
             value, metrics = parts.loss_fn(model_fn, params, x0, cond, k_loss,
                                            **loss_kwargs(frozen), **step_kwargs)
             value = jnp.mean(value)  # per-example [B] or already a scalar
@@ -574,7 +654,11 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         metrics = dict(metrics, grad_norm=grad_norm, update_norm=update_norm,
                        lr=parts.schedule(n_updates), finite=finite.astype(jnp.float32))
-        new_state = state.replace(params=params, ema=ema, opt_state=opt_state, phema=phema)
+        target = state.target
+        if target is not None:  # theta- <- stopgrad(mu theta- + (1 - mu) theta), CD Alg. 2
+            target = keep_unless_updated(optax.incremental_update(params, target, 1 - mu), target)
+        new_state = state.replace(params=params, ema=ema, opt_state=opt_state, phema=phema,
+                                  target=target)
         # Checked on the device: a non-finite step is dropped without a host round trip.
         kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
         return kept.replace(step=state.step + 1), metrics

@@ -8,9 +8,11 @@ The folder holds:
 
 - ``meta.json``: :data:`FORMAT`, the inputs it was made from (source spec,
   image resolution, the VAE file's name, size and SHA-256, the VAE model name,
-  the latent ``scale`` and ``shift`` a diffusion model trains with), ``count``,
+  the latent ``scale`` and ``shift`` a diffusion model trains with, whether the
+  VAE saw images in [0, 1] (``unit_range``), the moments' ``dtype``), ``count``,
   ``latent_shape`` ``[h, w, c]`` and whether there are labels;
-- ``moments.npy``: float32 ``[count, 2, h, w, 2c]``; ``[:, 0]`` is the image,
+- ``moments.npy``: ``dtype`` (float32, or float16 at half the size; absent in
+  older datasets: float32) ``[count, 2, h, w, 2c]``; ``[:, 0]`` is the image,
   ``[:, 1]`` its horizontal mirror; the last axis is ``mean`` then ``logvar``
   of the diagonal Gaussian posterior (DiT draws a fresh latent from it at
   every step);
@@ -33,6 +35,8 @@ from jaxgen.files import sha256
 
 FORMAT = "jaxgen-latents-1"
 META, MOMENTS, LABELS, PROGRESS = "meta.json", "moments.npy", "labels.npy", "progress.json"
+DTYPES = ("float32", "float16")
+"""Storage types of ``moments.npy``; reads are float32 either way."""
 
 
 def is_latent_dataset(path: Path) -> bool:
@@ -100,7 +104,8 @@ class LatentSource(ImageSource):
     """A finished latent dataset, memory-mapped.
 
     Unlike an image source, reads return float32 posterior moments
-    ``[n, h, w, 2c]`` (``mean`` then ``logvar`` on the last axis), and
+    ``[n, h, w, 2c]`` (``mean`` then ``logvar`` on the last axis; float16 storage
+    is widened exactly), and
     :attr:`image_shape` is the shape ``(h, w, c)`` of one latent, the model's
     input. :meth:`read_flipped` returns the moments stored for the mirror image.
 
@@ -146,6 +151,10 @@ class LatentSource(ImageSource):
         if self._moments.shape != (count, 2, h, w, 2 * c):
             raise InputError(f"{self.folder / MOMENTS}: shape {self._moments.shape}, but "
                              f"{META} says {(count, 2, h, w, 2 * c)}; encode again.")
+        dtype = self.meta.get("dtype", "float32")
+        if dtype not in DTYPES or self._moments.dtype != np.dtype(dtype):
+            raise InputError(f"{self.folder / MOMENTS}: dtype {self._moments.dtype}, but "
+                             f"{META} says {dtype!r} (one of {DTYPES}); encode again.")
 
     def __len__(self) -> int:
         return int(self.meta["count"])
@@ -167,5 +176,6 @@ class LatentSource(ImageSource):
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Moments ``[n, h, w, 2c]`` of images ``indices``, of their mirrors where ``flips``."""
         indices = np.asarray(indices, dtype=np.int64)
-        moments = np.asarray(self._moments[indices, np.asarray(flips, dtype=np.int64)])
+        moments = np.asarray(self._moments[indices, np.asarray(flips, dtype=np.int64)],
+                             np.float32)
         return moments, None if self._labels is None else self._labels[indices]
