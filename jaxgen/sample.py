@@ -17,8 +17,8 @@ SiT checkpoint (``DiT-XL-2-256x256.pt``, ``SiT-XL-2-256x256.pt``) for
 ``--vae`` the autoencoder that decodes the latents::
 
     python -m jaxgen.sample --weights DiT-XL-2-256x256.pt --model DiT-XL/2 \
-        --vae sd-vae-ft-ema/ --num 50000 --solver ddpm --steps 250 --cfg-scale 1.5 \
-        --out samples.npz
+        --vae sd-vae-ft-ema/ --num 50000 --solver ddpm_learned --steps 250 --cfg-scale 1.5 \
+        --guide-channels 3 --out samples.npz
 
 Guidance and feature caching (:class:`jaxgen.sampling.Guidance`, ``sample``):
 ``--cfg-scale W`` is classifier-free guidance; ``--cfg-method cfg++|apg`` picks CFG++

@@ -44,6 +44,14 @@ pytestmark = pytest.mark.usefixtures("module_compile_cache")
 
 EDM_KWARGS = dict(sigma_min=0.002, sigma_max=80.0)
 
+def starting_noise(*, seed: int, num: int, shape: tuple) -> jax.Array:
+    """The unit noise sample ``i`` starts from in ``jaxgen.sample --seed SEED``: drawn from
+    ``fold_in(fold_in(key, i), 0)`` (:func:`jaxgen.sampling.consistency_sample`)."""
+    key = jax.random.key_data(jax.random.key(seed))
+    return jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0), shape)
+                      for i in range(num)])
+
+
 
 def student_config(data_file: str, loss: str = "cd", teacher: str | None = None, **overrides):
     """test_train's tiny U-Net as a consistency model on EDM's process (no dropout)."""
@@ -121,10 +129,8 @@ def test_sample_cli_one_step_is_one_consistency_evaluation_at_sigma_max(cd_run, 
                             "--seed", "3", "--out", str(out)]) == 0
     got = np.load(out)["arr_0"]
     run = load_run(workdir)
-    key = jax.random.key_data(jax.random.key(3))
-    noise = [jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0), (8, 8, 1))
-             for i in range(8)]
-    x_T = 80.0 * jnp.stack(noise)
+    noise = starting_noise(seed=3, num=8, shape=(8, 8, 1))
+    x_T = 80.0 * noise
     labels = {"label": jnp.arange(8, dtype=jnp.int32) % 4}
     f = run.parts.model_fn(run.params, x_T, jnp.full((8,), 80.0), labels)
     want = np.asarray(to_uint8(f))
@@ -344,10 +350,8 @@ def test_scm_samples_at_the_papers_times(data_file, tmp_path):
                             "--seed", "3", "--out", str(out)]) == 0
     got = np.load(out)["arr_0"]
     run = load_run(workdir)
-    key = jax.random.key_data(jax.random.key(3))
-    noise = [jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0), (8, 8, 1))
-             for i in range(8)]
-    x_T = 0.5 * np.sin(big_t) * jnp.stack(noise)
+    noise = starting_noise(seed=3, num=8, shape=(8, 8, 1))
+    x_T = 0.5 * np.sin(big_t) * noise
     labels = {"label": jnp.arange(8, dtype=jnp.int32) % 4}
     v = run.parts.model_fn(run.params, x_T, jnp.full((8,), big_t), labels)
     f = np.cos(big_t) * x_T - np.sin(big_t) * v  # sCM's f = cos(t) x_t - sin(t) sigma_d F
