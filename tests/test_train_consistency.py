@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import subprocess
@@ -43,6 +44,19 @@ from jaxgen.train.workdir import config_differences
 pytestmark = pytest.mark.usefixtures("module_compile_cache")
 
 EDM_KWARGS = dict(sigma_min=0.002, sigma_max=80.0)
+
+def assert_resume_is_bit_exact(make_config, tmp_path, fields=("params", "ema", "opt_state")):
+    """Train ``make_config()`` to its 4 steps in one go and, in another folder, stop at 2
+    and resume to 4; the two states' ``fields`` are equal bit for bit. Returns the resumed
+    state."""
+    straight = train_and_evaluate(make_config(), str(tmp_path / "a"))
+    train_and_evaluate(make_config(**{"train.num_steps": 2}), str(tmp_path / "b"))
+    resumed = train_and_evaluate(make_config(), str(tmp_path / "b"))
+    assert int(resumed.step) == int(straight.step) == 4
+    for name in fields:
+        assert_same(getattr(resumed, name), getattr(straight, name))
+    return resumed
+
 
 def starting_noise(*, seed: int, num: int, shape: tuple) -> jax.Array:
     """The unit noise sample ``i`` starts from in ``jaxgen.sample --seed SEED``: drawn from
@@ -367,13 +381,7 @@ def test_scm_samples_at_the_papers_times(data_file, tmp_path):
 
 @pytest.mark.slow
 def test_scd_resume_is_bit_exact(data_file, teacher_dir, tmp_path):
-    straight = train_and_evaluate(scm_config(data_file, teacher_dir), str(tmp_path / "a"))
-    train_and_evaluate(scm_config(data_file, teacher_dir, **{"train.num_steps": 2}),
-                       str(tmp_path / "b"))
-    resumed = train_and_evaluate(scm_config(data_file, teacher_dir), str(tmp_path / "b"))
-    assert int(resumed.step) == int(straight.step) == 4
-    for name in ("params", "ema", "opt_state"):
-        assert_same(getattr(resumed, name), getattr(straight, name))
+    assert_resume_is_bit_exact(functools.partial(scm_config, data_file, teacher_dir), tmp_path)
 
 
 # ---------------------------------------------------------------- progressive distillation
@@ -415,13 +423,7 @@ def test_pd_starts_from_the_teacher_and_its_loss_is_the_pure_loss(data_file, tea
 @pytest.mark.slow
 def test_pd_resume_is_bit_exact_and_samples_with_ddim_on_the_halved_grid(data_file, teacher_dir,
                                                                           tmp_path):
-    straight = train_and_evaluate(pd_config(data_file, teacher_dir), str(tmp_path / "a"))
-    train_and_evaluate(pd_config(data_file, teacher_dir, **{"train.num_steps": 2}),
-                       str(tmp_path / "b"))
-    resumed = train_and_evaluate(pd_config(data_file, teacher_dir), str(tmp_path / "b"))
-    assert int(resumed.step) == int(straight.step) == 4
-    for name in ("params", "ema", "opt_state"):
-        assert_same(getattr(resumed, name), getattr(straight, name))
+    assert_resume_is_bit_exact(functools.partial(pd_config, data_file, teacher_dir), tmp_path)
     # The student's 2-step grid is every second time of the teacher's 4-step grid.
     np.testing.assert_allclose(progressive_times(Flow(), 2), progressive_times(Flow(), 4)[::2],
                                rtol=0, atol=1e-16)
@@ -567,16 +569,9 @@ def test_cd_target_ema_follows_the_hand_iterated_ema(data_file, teacher_dir):
 
 @pytest.mark.slow
 def test_cd_target_ema_resume_is_bit_exact(data_file, teacher_dir, tmp_path):
-    over = {"distill.target_ema": 0.5}
-    straight = train_and_evaluate(student_config(data_file, teacher=teacher_dir, **over),
-                                  str(tmp_path / "a"))
-    train_and_evaluate(student_config(data_file, teacher=teacher_dir,
-                                      **{"train.num_steps": 2, **over}), str(tmp_path / "b"))
-    resumed = train_and_evaluate(student_config(data_file, teacher=teacher_dir, **over),
-                                 str(tmp_path / "b"))
-    assert int(resumed.step) == 4
-    for name in ("params", "ema", "opt_state", "target"):
-        assert_same(getattr(resumed, name), getattr(straight, name))
+    make = lambda **over: student_config(data_file, teacher=teacher_dir,
+                                         **{"distill.target_ema": 0.5, **over})
+    assert_resume_is_bit_exact(make, tmp_path, fields=("params", "ema", "opt_state", "target"))
 
 
 @flax.struct.dataclass
