@@ -408,6 +408,25 @@ def test_training_with_the_bound_trains_the_variance_and_samples_with_it(data_fi
                                                batch_size=2, solver="ddpm_learned", steps=3)))
     assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
 
+    # The solver reads the learned variance through the run's model function: with the
+    # eps network zeroed (eps = 0: every step's mean is linear in x and the same for
+    # both), the head pinned to v = -1 (the posterior variance) and to v = +1 (beta_t)
+    # gives other samples from the same noise. (Unclipped x0 = x_t / alpha_t makes these
+    # samples large, ~150, so the difference is the noise terms' O(1), not rounding.)
+    def draw(v):
+        params = dict(state.params)
+        params["net"] = jax.tree.map(jnp.zeros_like, params["net"])
+        head = params["Dense_0"]
+        params["Dense_0"] = {"kernel": jnp.zeros_like(head["kernel"]),
+                             "bias": jnp.full_like(head["bias"], 20.0 * v)}  # tanh = v
+        x, _ = S.sample(parts.model_fn, params, parts.process, jax.random.key(0), (64, 8, 8, 1),
+                        prediction=parts.prediction, solver="ddpm_learned", steps=3,
+                        cond={"label": jnp.zeros(64, jnp.int32)})
+        return np.asarray(x, np.float64)
+
+    small, large = draw(-1.0), draw(1.0)
+    assert np.abs(small - large).max() > 0.1
+
 
 @pytest.mark.parametrize("overrides,match", [
     ({"model.kwargs.learn_sigma": False}, "learn_sigma=True"),
