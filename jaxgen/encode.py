@@ -17,11 +17,19 @@ rounding the moments to float16), with the labels. Train on OUT with
 ``config.latent`` set (:mod:`jaxgen.train.latent`). Gray images are repeated
 to three channels for a colour VAE.
 
+``--keep-images`` also stores each uint8 image the VAE was given (cropped and
+resized; gray kept as one channel; the mirror view's image is its exact mirror,
+made on read), as REPA (:mod:`jaxgen.train.repa`, sihyun-yu/REPA) needs: its
+frozen encoder sees the images while the model trains on the latents. At
+256 x 256 that is 192 KiB an image, 3x SD-VAE's float32 moments of both views.
+Without the flag the folder is exactly as before.
+
 OUT grows batch by batch with a progress record replaced atomically after
 each; an interrupted run continues where it stopped when the same command is
 run again. OUT is never overwritten: an OUT made from other inputs (another
 source, resolution, VAE file or model, scale, shift, pixel range or dtype) is
-refused, a finished one left as it is.
+refused (also one made with ``--keep-images`` when the rerun has not, or the
+converse), a finished one left as it is.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import numpy as np
 from jaxgen import cli
 from jaxgen.data.sources.latents import (
     FORMAT,
+    IMAGES,
     LABELS,
     META,
     MOMENTS,
@@ -85,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="storage of the moments (float16: half the size; read as float32)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (x2 with mirrors)")
+    p.add_argument("--keep-images", action="store_true",
+                   help="also store the uint8 images the VAE saw (for REPA's encoder)")
     p.add_argument("--labels-from-folders", action="store_true",
                    help="for an image folder: label images by top-level subfolder")
     return p.parse_args(argv)
@@ -104,8 +115,9 @@ def prepare_images(images: np.ndarray, in_channels: int, name: str,
     return x / 255 if unit_range else x / 127.5 - 1.0
 
 
-def _check_existing(out: Path, inputs: dict) -> int | None:
-    """Rows already written in ``out`` for the same ``inputs`` (``None``: a new dataset)."""
+def _check_existing(out: Path, inputs: dict, keep_images: bool = False) -> int | None:
+    """Rows already written in ``out`` for the same ``inputs`` and ``keep_images``
+    (``None``: a new dataset)."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -121,6 +133,10 @@ def _check_existing(out: Path, inputs: dict) -> int | None:
             raise InputError(f"{out / META}: made with {key}={meta.get(key)!r}, not "
                              f"{inputs[key]!r}; write to another folder (nothing is "
                              "overwritten).")
+    if bool(meta.get("images", False)) != keep_images:
+        made, now = ("with", "without") if meta.get("images") else ("without", "with")
+        raise InputError(f"{out / META}: made {made} --keep-images, now asked {now}; write to "
+                         "another folder (nothing is overwritten).")
     return rows_done(out)
 
 
@@ -133,6 +149,7 @@ def encode_dataset(
     inputs: dict,
     batch_size: int = 64,
     progress: bool = True,
+    keep_images: bool = False,
 ) -> LatentSource:
     """Write (or finish) the latent dataset ``out`` of ``source``'s images.
 
@@ -148,6 +165,9 @@ def encode_dataset(
         the moments' storage).
       batch_size: images per batch (each is encoded with its mirror).
       progress: show a progress bar.
+      keep_images: also store the uint8 images as read from ``source`` (``images.npy``,
+        ``meta.json``'s ``images`` and ``image_shape``); without it the folder is exactly
+        as it was before this option.
 
     Returns:
       The finished dataset, opened.
@@ -163,7 +183,7 @@ def encode_dataset(
     from jaxgen.parallel import batch_sharding, make_mesh, pad_batch, replicated, to_host
 
     out = Path(out)
-    done = _check_existing(out, inputs)
+    done = _check_existing(out, inputs, keep_images)
     h, w, c = source.image_shape
     f, lc = vae.factor, vae.latent_channels
     if h % f or w % f:
@@ -179,6 +199,9 @@ def encode_dataset(
                     labels=labels is not None)
         np.lib.format.open_memmap(out / MOMENTS, "w+", np.dtype(inputs["dtype"]),
                                   (n, 2, *shape[:2], 2 * lc))
+        if keep_images:  # keys added only here: without them meta.json is as before
+            meta.update(images=True, image_shape=[h, w, c])
+            np.lib.format.open_memmap(out / IMAGES, "w+", np.uint8, (n, h, w, c))
         if labels is not None:
             np.save(out / LABELS, np.asarray(labels, np.int32))
         _write_json(out / PROGRESS, {"done": 0})
@@ -191,20 +214,24 @@ def encode_dataset(
             lambda p, x: jnp.concatenate(vae.apply(p, x, method="encode"), axis=-1),
             out_shardings=batch_sharding(mesh))
         moments = np.load(out / MOMENTS, mmap_mode="r+")
+        kept = np.load(out / IMAGES, mmap_mode="r+") if keep_images else None
         bar = tqdm(total=n, initial=done, unit="img", disable=not progress, file=sys.stderr)
         for start in range(done, n, batch_size):
             stop = min(start + batch_size, n)
-            x = prepare_images(source.read(np.arange(start, stop)), vae.in_channels, source.name,
-                               inputs["unit_range"])
+            images = source.read(np.arange(start, stop))
+            x = prepare_images(images, vae.in_channels, source.name, inputs["unit_range"])
             x, rows = pad_batch(np.concatenate([x, x[:, :, ::-1]]), mesh.size)
             y = to_host(encode(params, jax.device_put(x, batch_sharding(mesh))))[:rows]
             k = stop - start
             moments[start:stop] = np.stack([y[:k], y[k:]], axis=1)  # rounded to the dtype
             moments.flush()
+            if kept is not None:  # the very uint8 images the VAE was fed
+                kept[start:stop] = images
+                kept.flush()
             _write_json(out / PROGRESS, {"done": stop})
             bar.update(k)
         bar.close()
-        del moments
+        del moments, kept
     return LatentSource(out)
 
 
@@ -235,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                   vae=weights_identity(args.vae), vae_model=args.vae_model,
                   scale=vae.scaling_factor if args.scale is None else args.scale,
                   shift=args.shift, unit_range=args.unit_range, dtype=args.dtype)
-    done = _check_existing(args.out, inputs)
+    done = _check_existing(args.out, inputs, args.keep_images)
     if done is not None and done == read_meta(args.out)["count"]:
         print(f"{args.out}: already finished, left as it is.")
         return 0
@@ -245,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                          labels_from_folders=args.labels_from_folders)
     variables = load_weights(args.vae, vae)
     dataset = encode_dataset(source, args.out, vae, variables, inputs=inputs,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, keep_images=args.keep_images)
     print(f"wrote {args.out} ({len(dataset)} images, latents {dataset.image_shape})")
     return 0
 

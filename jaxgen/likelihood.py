@@ -55,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
     run = load_run(args.workdir, args.ema)
     parts = run.parts
-    if parts.is_consistency or parts.latent is not None:
+    if parts.is_consistency or parts.is_one_step_generator or parts.latent is not None:
+        kind = ("consistency" if parts.is_consistency else
+                "DMD2 generator" if parts.is_one_step_generator else "latent")
         raise InputError(
-            f"{args.workdir}: a {'consistency' if parts.is_consistency else 'latent'} run; "
-            "bits/dim needs a pixel-space diffusion or flow model."
+            f"{args.workdir}: a {kind} run; bits/dim needs a pixel-space diffusion or flow "
+            "model."
         )
     source = open_source(args.data)
     n = min(args.num or len(source), len(source))

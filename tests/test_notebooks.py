@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -21,7 +22,7 @@ DEVICES = "--xla_force_host_platform_device_count=2"
 def test_committed_notebooks_are_stripped():
     paths = sorted(NOTEBOOKS.glob("*.ipynb"))
     assert {p.name for p in paths} >= {"quickstart.ipynb", "samplers_and_metrics.ipynb",
-                                      "few_step.ipynb"}
+                                      "few_step.ipynb", "latent.ipynb"}
     for path in paths:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
@@ -126,3 +127,34 @@ def test_few_step(tmp_path, monkeypatch, xla_cache):
         "student CD 1": 1, "student CD 2": 2, "student CD 4": 4}
     assert all(math.isfinite(f) and f > 0 for f, _ in fids.values())
     assert count_images(nb) == 2  # the teacher's grids, the student's grids
+
+
+@pytest.mark.slow
+def test_latent(tmp_path, monkeypatch, xla_cache):
+    nb, out = execute("latent.ipynb", tmp_path, monkeypatch, xla_cache)
+    work = tmp_path / "run"
+    assert "trained 30 steps in" in out  # the autoencoder, trained here
+    ((psnr, std, scale),) = re.findall(
+        r"vae\.safetensors: reconstruction PSNR ([\d.]+) dB, latent std ([\d.]+), scale "
+        r"([\d.]+) \(64 test images\)", out)
+    assert float(psnr) > 0 and float(scale) == pytest.approx(1 / float(std), rel=2e-3)
+    meta = json.loads((work / "latents" / "meta.json").read_text())
+    assert (meta["count"], meta["latent_shape"], meta["scale"]) == (512, [7, 7, 4], float(scale))
+    assert "latents: 512 images with their mirrors, latents (7, 7, 4)" in out
+    assert re.search(r"DiT \S+: step 40 \(0\.999 weights\)", out)
+    assert (work / "dit.safetensors").is_file()  # exported, then loaded back for sampling
+    assert re.search(r"dit\.safetensors: DiT-S/2 \(patch 1\), [\d,]+ parameters, "
+                     r"Flow\(path='linear'\), predicts velocity, samples \(7, 7, 4\)", out)
+    # Guided: the conditional and unconditional passes in each evaluation.
+    assert ("latents (7, 7, 4) -> images (28, 28, 1) uint8: 32 samples, 20 evaluations of 2 "
+            "passes each") in out
+    # Sampled and decoded by hand from the two files = sample_images on the run's own VAE.
+    (levels,) = re.findall(r"sample_images: the same 32 samples up to (\d+) uint8 levels", out)
+    assert int(levels) <= 1
+    assert "grid (92, 302, 1) of samples (32, 28, 28, 1) uint8" in out  # 3 rows of 10
+    assert count_images(nb) == 1  # one figure: samples, training images, reconstructions
+    (fid,) = map(float, re.findall(
+        r"FID: ([\d.]+) \(CFG scale 1\.5, 20 Euler steps, 32 samples vs 64 images", out))
+    (floor,) = map(float, re.findall(r"FID of 32 reconstructed training images \(the "
+                                     r"autoencoder's floor\): ([\d.]+)", out))
+    assert all(math.isfinite(f) and f > 0 for f in (fid, floor))

@@ -73,24 +73,32 @@ def get_config() -> ml_collections.ConfigDict:
     # distill.teacher (Song et al. 2023, Alg. 2); ict and cd need process edm, precond consistency
     # | scm: continuous-time consistency (Lu & Song 2024; process and precond trigflow), from
     # data or distill.teacher | pd: progressive distillation of distill.teacher (Salimans & Ho)
+    # | reflow: rectified-flow reflow of distill.teacher (Liu et al. 2023, Alg. 1; process
+    # flow) | dmd2: a one-step generator distilled from distill.teacher by distribution
+    # matching with a fake score (Yin et al. 2024, no GAN term); sampled with --steps 1
     c.diffusion.loss = "denoising"
     # "" | vlb: a learn_sigma model's variance channels trained by IDDPM's L_vlb added to the
     # denoising loss (jaxgen.diffusion.vlb; discrete VP, time_sampler discrete, precond none)
     c.diffusion.learned_variance = ""
 
     c.distill = ml_collections.ConfigDict()  # few-step training and distillation
-    # cd, pd, scm (sCD): the teacher's jaxgen.train workdir (not copied)
+    # cd, pd, reflow, dmd2, scm (sCD): the teacher's jaxgen.train workdir (not copied)
     c.distill.teacher = placeholder(str)
     c.distill.teacher_weights = placeholder(str)  # its EMA decay, 'params', ... (None: default)
-    c.distill.solver = "heun"  # cd: the teacher's ODE step, a deterministic SOLVERS entry
+    # cd: the teacher's ODE step; reflow: its ODE solver; a deterministic SOLVERS entry
+    c.distill.solver = "heun"
     c.distill.target_ema = 0.0  # cd: target network theta- EMA decay mu (0: the student itself)
-    c.distill.teacher_steps = 0  # pd: the teacher's DDIM steps N (even, >= 2); the student's N/2
+    # pd: the teacher's DDIM steps N (even, >= 2), the student's N/2; reflow: the teacher's
+    # distill.solver steps from noise to each pair's x0 (>= 1)
+    c.distill.teacher_steps = 0
+    c.distill.fake_updates = 5  # dmd2: fake-score updates per generator update (DMD2's TTUR)
+    c.distill.real_guidance = 1.0  # dmd2: CFG weight on the teacher's (real) score (1: none)
     c.distill.adaptive_weight = True  # scm: learn sCM's adaptive weight w(t) (a logvar head)
     c.distill.init_from_teacher = False  # scm: start from a TrigFlow teacher's weights
     # Arguments of jaxgen.diffusion.consistency.ict_loss (s0, s1, rho, p_mean, p_std,
     # distance), cd_loss (num_scales, rho, distance, weighting), scm.scm_loss (p_mean,
-    # p_std, warmup_steps, tangent_c) or distillation.progressive_loss (weighting);
-    # empty: the papers' values
+    # p_std, warmup_steps, tangent_c), distillation.progressive_loss (weighting),
+    # distillation.reflow_loss or dmd_loss (time_sampler); empty: the papers' values
     c.distill.loss_kwargs = ml_collections.ConfigDict()
 
     c.optim = ml_collections.ConfigDict()  # Adam(W)

@@ -11,17 +11,20 @@ clipping at 1 as the reference's ``max_grad_norm``. The paper reports FID-50K
 7.9 at 400K steps (SDE, 250 steps, no guidance; SiT-XL/2 alone: 17.2) and
 1.80 at 4M steps with cfg 1.8 on [0, 0.7] (1.42 with it).
 
-Data: REPA's encoder sees the images, while the latent dataset of
-``python -m jaxgen.encode`` (``data.source`` below) holds only the latents'
-moments; until latent datasets also carry the images (or the encoder's
-features), ``python -m jaxgen.train`` refuses this recipe with a one-line
-message (``--dry-run`` describes it). REPA trains on pixels today (e.g.
-``--config.train.repa.encoder=inception`` on Fashion-MNIST, BENCHMARKS.md).
-DINOv2 weights: torch hub's ``dinov2_vitb14_pretrain.pth`` in ``$JAXGEN_CACHE``
-or ``--config.train.repa.weights=FILE``.
+Data: as in the reference (its ``dataset.py`` gives each example's raw image
+and its VAE moments), the latent dataset (``data.source`` below) keeps the
+images the VAE saw (``--keep-images``): the model trains on the latents while
+DINOv2 runs, frozen, on the images (REPA's preprocessing, on the fly), the
+mirror image with the mirror view's latents. A latent dataset without its
+images is refused with a one-line message naming the fix, so this recipe reads
+its own folder (one with images serves the DiT/SiT recipes too). ImageNet's
+1.28M images take 252 GB beside 84 GB of float32 moments (42 GB with
+``--dtype float16``). DINOv2 weights: torch hub's
+``dinov2_vitb14_pretrain.pth`` in ``$JAXGEN_CACHE`` or
+``--config.train.repa.weights=FILE``.
 
-    python -m jaxgen.encode tfds:imagenet2012:train latents/in256_sd \
-        --vae sd-vae-ft-ema --vae-model vae-sd --resolution 256
+    python -m jaxgen.encode tfds:imagenet2012:train latents/in256_sd_images \
+        --vae sd-vae-ft-ema --vae-model vae-sd --resolution 256 --keep-images
     python -m jaxgen.train --config jaxgen/configs/imagenet256_sit_xl2_repa.py \
         --workdir runs/in256_sit_xl2_repa
 """
@@ -36,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = imagenet256_sit_xl2.get_config()
     c.model.kwargs.learn_sigma = False  # REPA's SiT regresses the velocity alone
     c.optim.grad_clip = 1.0
+    c.data.source = "latents/in256_sd_images"  # with its images (encode --keep-images, above)
     c.train.repa.encoder = "dinov2-vitb14"
     c.train.repa.depth = 8
     c.train.repa["lambda"] = 0.5

@@ -16,7 +16,10 @@ have seen next (also after changing the number of hosts).
 
 Batches are uint8 NHWC, as stored; :func:`to_model_space` maps them to
 [-1, 1] on device. A latent dataset (:class:`jaxgen.data.sources.LatentSource`)
-gives float32 posterior moments instead, its stored mirror view where flipped.
+gives float32 posterior moments instead, its stored mirror view where flipped;
+with ``with_images`` (a dataset of ``jaxgen.encode --keep-images``) ``image`` is
+``{"moments": ..., "pixels": ...}``, the uint8 images the VAE saw, mirrored where
+the moments are the mirror view's (REPA's encoder sees them).
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class _BatchMaker:
     pad_to: int | None
     with_labels: bool
     mesh: Mesh | None
+    with_images: bool = False
 
     def batch(self, step: int) -> dict:
         """This process's part of global batch ``step``."""
@@ -94,14 +98,16 @@ class _BatchMaker:
         indices, flips = global_positions(self.seed, len(self.source), positions)
         images, labels = self.source.read_flipped(indices, flips & self.flip)
         out = {"image": pad_images(images, self.pad_to)}
+        if self.with_images:  # the latents' images, mirrored as the moments' views are
+            pixels = self.source.read_images(indices, flips & self.flip)
+            out["image"] = {"moments": out["image"], "pixels": pixels}
         if self.with_labels:
             out["label"] = labels.astype(np.int32)
         if self.mesh is not None:
             sharding, n = batch_sharding(self.mesh), self.process_count
-            out = {
-                k: jax.make_array_from_process_local_data(sharding, v, (len(v) * n, *v.shape[1:]))
-                for k, v in out.items()
-            }
+            out = jax.tree.map(
+                lambda v: jax.make_array_from_process_local_data(
+                    sharding, v, (len(v) * n, *v.shape[1:])), out)
         return out
 
 
@@ -110,7 +116,10 @@ class TrainIterator(Iterator):
 
     Each item is a dict with ``image`` (uint8 ``[B / P, H, W, C]``, or a
     global ``jax.Array`` of shape ``[B, H, W, C]`` sharded over ``mesh``
-    when one is given) and, with ``with_labels``, ``label`` (int32).
+    when one is given) and, with ``with_labels``, ``label`` (int32). A latent
+    dataset's ``image`` holds moments; with ``with_images`` it is
+    ``{"moments": ..., "pixels": uint8 [B / P, H, W, C]}`` (each a global array
+    over ``mesh`` when one is given).
     """
 
     def __init__(
@@ -122,6 +131,7 @@ class TrainIterator(Iterator):
         flip: bool = False,
         pad_to: int | None = None,
         with_labels: bool = False,
+        with_images: bool = False,
         process_index: int | None = None,
         process_count: int | None = None,
         mesh: Mesh | None = None,
@@ -139,6 +149,9 @@ class TrainIterator(Iterator):
           pad_to: zero-pad images symmetrically to this square size, e.g.
             28 -> 32 for (Fashion-)MNIST.
           with_labels: include ``label``; the source must have labels.
+          with_images: for a latent dataset that keeps its images
+            (:attr:`jaxgen.data.sources.LatentSource.has_images`), serve them with the
+            moments (see above).
           process_index: this process (default ``jax.process_index()``).
           process_count: processes sharing the batch (default
             ``jax.process_count()``); must divide ``batch_size``.
@@ -172,6 +185,11 @@ class TrainIterator(Iterator):
                 f"{source.name}: with_labels=True but the source has no labels (for a folder, "
                 "pass labels_from_folders=True)."
             )
+        if with_images and not getattr(source, "has_images", False):
+            raise InputError(
+                f"{source.name}: with_images=True, but it is not a latent dataset with its "
+                "images; encode it with python -m jaxgen.encode --keep-images."
+            )
         shape = source.image_shape
         if pad_to is not None:
             if shape is None:
@@ -194,6 +212,7 @@ class TrainIterator(Iterator):
             pad_to=pad_to,
             with_labels=with_labels,
             mesh=mesh,
+            with_images=with_images,
         )
         self._step = 0
         if state is not None:

@@ -259,7 +259,9 @@ def dmd_loss(
     x0_fake, _ = _x0_eps(fake_fn, jax.lax.stop_gradient(fake_params), x_t, t, cond, prediction,
                          process)
     scale = jnp.mean(jnp.abs(x - x0_real).reshape(x.shape[0], -1), axis=1)
-    grad = jax.lax.stop_gradient((x0_fake - x0_real) / bcast(scale, x))
+    # At t = 0 exactly both denoisers return x: 0 / 0. The KL gradient is 0 there.
+    safe = bcast(jnp.where(scale > 0, scale, 1.0), x)
+    grad = jax.lax.stop_gradient(jnp.where(bcast(scale, x) > 0, (x0_fake - x0_real) / safe, 0.0))
     per_example = 0.5 * _per_example_mse(x, jax.lax.stop_gradient(x - grad))
     grad_norm = jnp.mean(jnp.sqrt(jnp.sum(jnp.square(grad).reshape(x.shape[0], -1), axis=1)))
     return per_example, {"loss": jnp.mean(per_example), "grad_norm": grad_norm}

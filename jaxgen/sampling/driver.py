@@ -228,10 +228,15 @@ def _check_start(process, prediction: str, ts: np.ndarray, solver: str, options:
 
 
 def _plan(process, grid, steps: int, prediction: str, solver: str, options: tuple):
-    """The time grid (checked against the process and prediction) and whether it ends clean."""
-    ts = make_grid(process.default_grid if grid is None else grid, process, steps)
-    _check_start(process, prediction, ts, solver, options)
-    return ts, float(process.sigma(jnp.asarray(ts[-1]))) == 0.0
+    """The time grid (checked against the process and prediction) and whether it ends clean.
+
+    Computed on concrete values also when ``sample`` is called inside a trace (a train
+    step that integrates a teacher's ODE, :func:`jaxgen.sampling.teacher.reflow_pairs`).
+    """
+    with jax.ensure_compile_time_eval():
+        ts = make_grid(process.default_grid if grid is None else grid, process, steps)
+        _check_start(process, prediction, ts, solver, options)
+        return ts, float(process.sigma(jnp.asarray(ts[-1]))) == 0.0
 
 
 # Named grids are pure functions of hashable arguments: plan once, so that a

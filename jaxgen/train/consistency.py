@@ -22,6 +22,29 @@ distillation.
   the student starts from the teacher's weights and learns in ``N / 2`` DDIM steps
   what the teacher does in ``N = distill.teacher_steps``; the next stage is a new
   run whose teacher is this one, with ``distill.teacher_steps = N / 2``.
+- ``"reflow"`` (Liu et al. 2023, "Flow Straight and Fast", Algorithm 1) on
+  ``diffusion.process = "flow"``: the student starts from the teacher's weights;
+  each step draws noise ``z``, integrates the teacher's ODE from ``z`` (with the
+  batch's class labels, no guidance) in ``distill.teacher_steps`` steps of the
+  deterministic ``distill.solver`` to ``x0`` (:func:`jaxgen.sampling.teacher.reflow_pairs`),
+  and fits the straight path between them
+  (:func:`jaxgen.diffusion.distillation.reflow_loss`). This is Algorithm 1 with the
+  pairs drawn afresh at every step instead of from a stored set; the batch's images
+  are not used. The student samples with the ordinary solvers, in few steps.
+- ``"dmd2"`` (Yin et al. 2024, "Improved Distribution Matching Distillation",
+  without its GAN term, which is not built): a one-step generator
+  ``G(z) = x0(sigma(t_max) z, t_max)``
+  (:func:`jaxgen.diffusion.distillation.one_step_generator` over the student network)
+  trained by the distribution-matching gradient (Yin et al. 2023, Eqs. 7-8;
+  :func:`~jaxgen.diffusion.distillation.dmd_loss`) between the frozen teacher (the
+  real score, optionally with classifier-free guidance ``distill.real_guidance``)
+  and a fake score of the same architecture that denoises the generator's samples
+  (Eq. 6, :func:`~jaxgen.diffusion.distillation.fake_score_loss`). Both start from
+  the teacher's weights; the fake score and its optimizer state are
+  :attr:`jaxgen.train.TrainState.fake_params` and ``.fake_opt_state`` (checkpointed).
+  Two time-scale update (DMD2's TTUR): every step updates the fake score, and every
+  ``distill.fake_updates``-th the generator too (see :func:`generator_turn`). The
+  run samples as ``G(noise)``: ``jaxgen.sample --steps 1``.
 
 The teacher's weights reach the loss as the step's frozen argument (never
 checkpointed: a resumed run loads them again from the folder its config names).
@@ -40,23 +63,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax.traverse_util import flatten_dict
 
 from jaxgen.diffusion.consistency import cd_loss, ict_loss
-from jaxgen.diffusion.distillation import progressive_loss, progressive_times
-from jaxgen.diffusion.processes import EDM
+from jaxgen.diffusion.distillation import (
+    dmd_loss,
+    fake_score_loss,
+    one_step_generator,
+    progressive_loss,
+    progressive_times,
+    reflow_loss,
+)
+from jaxgen.diffusion.processes import EDM, Flow
 from jaxgen.diffusion.scm import TrigFlow, scm_loss, teacher_velocity
 from jaxgen.errors import InputError
 from jaxgen.models.adaptive_weight import AdaptiveWeightModel
 from jaxgen.sampling.consistency import SCM_SIGMA_MAX
-from jaxgen.sampling.teacher import solver_step
+from jaxgen.sampling.teacher import reflow_pairs, solver_step
 
 CONSISTENCY_LOSSES = ("ict", "cd")  # on precond "consistency"
-FEW_STEP_LOSSES = (*CONSISTENCY_LOSSES, "scm", "pd")
-TEACHER_LOSSES = ("cd", "pd")  # need distill.teacher; scm takes one optionally
+FEW_STEP_LOSSES = (*CONSISTENCY_LOSSES, "scm", "pd", "reflow", "dmd2")
+TEACHER_LOSSES = ("cd", "pd", "reflow", "dmd2")  # need distill.teacher; scm takes one optionally
+FROM_TEACHER_LOSSES = ("pd", "reflow", "dmd2")  # the student always starts as its teacher
 _SET_BY_TRAINER = {"step", "total_steps", "process", "teacher_step", "target_params",
                    "teacher", "sigma_data", "raw_logvar_fn", "teacher_fn", "teacher_params",
-                   "prediction", "teacher_prediction", "student_steps", "ts"}
+                   "prediction", "teacher_prediction", "student_steps", "ts", "real_fn",
+                   "real_params", "fake_fn", "fake_params"}
 # Fields a student that starts from its teacher's weights shares with it.
 _SAME_AS_TEACHER = ("model.name", "model.kwargs", "diffusion.process", "diffusion.process_kwargs",
                     "diffusion.precond", "diffusion.sigma_data", "diffusion.time_scale",
@@ -76,8 +109,23 @@ def target_ema(config: ml_collections.ConfigDict) -> float:
 
 
 def teacher_steps(config: ml_collections.ConfigDict) -> int:
-    """``distill.teacher_steps``: the progressive-distillation teacher's sampler steps ``N``."""
+    """``distill.teacher_steps``: the teacher's sampler steps ``N`` (pd: DDIM steps it
+    distils into ``N / 2``; reflow: its ODE solver steps per pair)."""
     return _distill(config).get("teacher_steps")
+
+
+def fake_updates(config: ml_collections.ConfigDict) -> int | None:
+    """``distill.fake_updates`` of a DMD2 run: fake-score updates per generator update
+    (DMD2's two time-scale update rule, 5 in the paper); ``None`` for other losses."""
+    if config.diffusion.get("loss") != "dmd2":
+        return None
+    return _distill(config).get("fake_updates", 5)
+
+
+def real_guidance(config: ml_collections.ConfigDict) -> float:
+    """``distill.real_guidance``: DMD2's classifier-free guidance weight on the real
+    score (1: none)."""
+    return float(_distill(config).get("real_guidance", 1.0))
 
 
 def adaptive_weight(config: ml_collections.ConfigDict) -> bool:
@@ -93,10 +141,11 @@ def needs_teacher(config: ml_collections.ConfigDict) -> bool:
 
 
 def starts_from_teacher(config: ml_collections.ConfigDict) -> bool:
-    """Whether the student's weights start as the teacher's (pd; scm with
+    """Whether the student's weights start as the teacher's (pd, reflow, dmd2; scm with
     ``distill.init_from_teacher``)."""
     loss = config.diffusion.get("loss")
-    return loss == "pd" or (loss == "scm" and bool(_distill(config).get("init_from_teacher")))
+    return loss in FROM_TEACHER_LOSSES or (
+        loss == "scm" and bool(_distill(config).get("init_from_teacher")))
 
 
 def wrap_few_step_model(config: ml_collections.ConfigDict, module: nn.Module) -> nn.Module:
@@ -111,9 +160,12 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
 
     ``diffusion.precond = "consistency"`` goes with ``diffusion.loss`` ``ict`` or ``cd``
     (and back), on the EDM process; ``scm`` with precond and process ``trigflow``;
-    ``distill.teacher`` is set for ``cd`` and ``pd`` (optional for ``scm``); ``pd``
-    has an even ``distill.teacher_steps >= 2``; ``distill.target_ema`` in [0, 1) and
-    only for ``cd``.
+    ``distill.teacher`` is set for ``cd``, ``pd``, ``reflow`` and ``dmd2`` (optional for
+    ``scm``); ``pd`` has an even ``distill.teacher_steps >= 2``; ``reflow`` runs on
+    ``diffusion.process = "flow"`` with ``distill.teacher_steps >= 1``; ``dmd2`` has
+    ``distill.fake_updates >= 1`` and a generator that can read ``x0`` at ``t_max``;
+    ``distill.target_ema`` in [0, 1) and only for ``cd``; ``distill.real_guidance``
+    finite and only for ``dmd2``.
     """
     loss = config.diffusion.get("loss", "denoising")
     precond = config.diffusion.precond
@@ -144,14 +196,30 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
                          "--config.distill.teacher=WORKDIR (a jaxgen.train run folder).")
     if teacher and loss not in (*TEACHER_LOSSES, "scm"):
         raise InputError(f"distill.teacher={teacher!r} is read only by diffusion.loss 'cd', "
-                         f"'scm' or 'pd' (this run's loss is {loss!r}); drop it or set the loss.")
+                         f"'scm', 'pd', 'reflow' or 'dmd2' (this run's loss is {loss!r}); drop "
+                         "it or set the loss.")
     if distill.get("init_from_teacher") and not (loss == "scm" and teacher):
         raise InputError("distill.init_from_teacher is for diffusion.loss='scm' with "
-                         "distill.teacher set (pd always starts from its teacher); drop it.")
+                         "distill.teacher set (pd, reflow and dmd2 always start from their "
+                         "teacher); drop it.")
     steps = distill.get("teacher_steps")
     if loss == "pd" and not (isinstance(steps, int) and steps >= 2 and steps % 2 == 0):
         raise InputError(f"distill.teacher_steps={steps!r}: progressive distillation halves the "
                          "teacher's sampler steps; give an even number >= 2, e.g. 16.")
+    if loss == "reflow" and not isinstance(process, Flow):
+        raise InputError(f"diffusion.loss='reflow' straightens a flow (Liu et al. 2023): set "
+                         f"diffusion.process='flow' (got {config.diffusion.process!r}).")
+    if loss == "reflow" and not (isinstance(steps, int) and steps >= 1):
+        raise InputError(f"distill.teacher_steps={steps!r}: reflow integrates the teacher's ODE "
+                         "in that many distill.solver steps per pair; give an int >= 1, e.g. 8.")
+    if loss == "dmd2":
+        _check_dmd2(config, process)
+    w = distill.get("real_guidance", 1.0)
+    if not (isinstance(w, int | float) and np.isfinite(w)):
+        raise InputError(f"distill.real_guidance={w!r}: give a finite guidance weight (1: none).")
+    if w != 1 and loss != "dmd2":
+        raise InputError(f"distill.real_guidance={w} guides DMD2's real score; diffusion.loss="
+                         f"{loss!r} has none: drop it.")
     mu = distill.get("target_ema") or 0.0
     if not (isinstance(mu, int | float) and 0 <= mu < 1):
         raise InputError(f"distill.target_ema={mu!r}: give the target network's EMA decay in "
@@ -159,6 +227,25 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
     if mu and loss != "cd":
         raise InputError(f"distill.target_ema={mu} is CD's target network; diffusion.loss="
                          f"{loss!r} has none: drop it.")
+
+
+def _check_dmd2(config: ml_collections.ConfigDict, process) -> None:
+    """``distill.fake_updates`` an int >= 1; a generator ``x0(sigma(t_max) z, t_max)`` that
+    its prediction can give (not ``eps`` or ``score`` where ``alpha(t_max) = 0``); the
+    in-loop samples in ``eval.steps = 1`` (refused now rather than at the first evaluation)."""
+    n = _distill(config).get("fake_updates", 5)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"distill.fake_updates={n!r}: give the fake-score updates per "
+                         "generator update, an int >= 1 (DMD2 uses 5).")
+    if config.eval.get("steps") != 1:
+        raise InputError(f"eval.steps={config.eval.get('steps')!r}: a DMD2 run is a one-step "
+                         "generator; set eval.steps=1.")
+    prediction = config.diffusion.prediction
+    alpha = float(process.alpha(jnp.asarray(process.t_max, jnp.float32)))
+    if config.diffusion.precond == "none" and prediction in ("eps", "score") and alpha == 0:
+        raise InputError(f"diffusion.prediction={prediction!r}: DMD2's generator is the model's "
+                         f"x0 at t_max, where alpha = 0 on {process!r} and {prediction!r} says "
+                         "nothing of x0; distil an 'x0', 'v' or 'velocity' model.")
 
 
 def _loss_kwargs(config: ml_collections.ConfigDict, fn: Callable) -> dict:
@@ -200,9 +287,9 @@ def consistency_loss(config: ml_collections.ConfigDict, process, total_updates: 
     ``ict``: :func:`~jaxgen.diffusion.consistency.ict_loss` with ``total_steps`` the
     run's optimizer updates (its curriculum ``N(k)``, Song & Dhariwal 2024 Sec. 3.4,
     follows the ``step`` the train step passes) and ``distill.loss_kwargs``. ``scm``
-    without a teacher: sCT (:func:`scm_trainer_loss`). ``cd``, ``pd`` and sCD: a loss
-    that needs the teacher, which :func:`with_teacher` loads; the options are checked
-    here already.
+    without a teacher: sCT (:func:`scm_trainer_loss`). ``cd``, ``pd``, ``reflow``,
+    ``dmd2`` and sCD: a loss that needs the teacher, which :func:`with_teacher` loads;
+    the options are checked here already (on a stand-in identity teacher).
     """
     loss = config.diffusion.loss
     if loss == "ict":
@@ -214,11 +301,16 @@ def consistency_loss(config: ml_collections.ConfigDict, process, total_updates: 
         fn = scm_trainer_loss(config, process)
         _dry_run(fn, step=jnp.zeros((), jnp.int32))
         return _teacher_not_loaded if needs_teacher(config) else fn
+    identity = lambda params, x, t, cond: x
     if loss == "cd":
         _dry_run(functools.partial(cd_loss, teacher_step=lambda x, s_from, s_to, cond: x,
                                    process=process, **_loss_kwargs(config, cd_loss)))
+    elif loss == "reflow":
+        _dry_run(reflow_trainer_loss(config, process, prediction, identity), frozen=None)
+    elif loss == "dmd2":
+        _dry_run(dmd2_trainer_loss(config, process, prediction, identity), frozen=None,
+                 fake_params=None)
     else:
-        identity = lambda params, x, t, cond: x
         _dry_run(functools.partial(
             progressive_loss, teacher_fn=identity, teacher_params=None, process=process,
             prediction=prediction, student_steps=teacher_steps(config) // 2,
@@ -263,6 +355,116 @@ def scm_trainer_loss(config: ml_collections.ConfigDict, process: TrigFlow,
     return loss
 
 
+def reflow_trainer_loss(config: ml_collections.ConfigDict, process, prediction: str,
+                        teacher_fn: Callable) -> Callable:
+    """Rectified-flow reflow (Liu et al. 2023, Algorithm 1) with pairs drawn at every step.
+
+    ``key`` splits into ``(k_pairs, k_t)``: :func:`jaxgen.sampling.teacher.reflow_pairs`
+    draws ``z`` from ``k_pairs`` and integrates the teacher's probability-flow ODE from
+    ``sigma(t_max) z`` to ``x0`` in ``distill.teacher_steps`` steps of the deterministic
+    ``distill.solver``, conditioned on ``cond`` (the batch's labels), without guidance;
+    :func:`jaxgen.diffusion.distillation.reflow_loss` (its ``t`` from ``k_t``) fits the
+    student to the straight path between ``z`` and ``x0``. Algorithm 1 draws the pairs
+    once into a stored set; drawing them afresh every step is the same coupling with
+    no reuse of a pair. The batch's images ``x0`` give only the shape.
+
+    Args:
+      config: the run's configuration (``distill.solver``, ``distill.teacher_steps``,
+        ``distill.loss_kwargs``: ``time_sampler``).
+      process: the flow both models run on.
+      prediction: what teacher and student predict (checked equal).
+      teacher_fn: the teacher's ``model_fn(params, x_t, t, cond)``.
+
+    Returns:
+      ``loss_fn(model_fn, params, x0, cond, key, *, frozen)``, ``frozen`` the teacher's weights.
+    """
+    solver = _distill(config).get("solver", "heun")
+    steps = teacher_steps(config)
+    kwargs = _loss_kwargs(config, reflow_loss)
+
+    def loss(model_fn, params, x0, cond, key, *, frozen):
+        k_pairs, k_t = jax.random.split(key)
+        z, x1 = reflow_pairs(teacher_fn, frozen, process, k_pairs, x0.shape,
+                             prediction=prediction, solver=solver, steps=steps, cond=cond)
+        return reflow_loss(model_fn, params, z, x1, cond, k_t, process=process,
+                           prediction=prediction, **kwargs)
+
+    return loss
+
+
+def dmd2_trainer_loss(config: ml_collections.ConfigDict, process, prediction: str,
+                      teacher_fn: Callable, num_classes: int = 0) -> Callable:
+    """DMD2's two losses (Yin et al. 2024, no GAN term) as one objective of the generator
+    ``params`` and the fake score ``fake_params``.
+
+    ``key`` splits into ``(k_z, k_fake, k_gen)``; ``z ~ N(0, I)`` from ``k_z`` and
+    ``x = G(z)``, ``G`` = :func:`jaxgen.diffusion.distillation.one_step_generator` of the
+    student. The value is ``mean fake_score_loss(fake_params; stopgrad x)`` (Eq. 6, with
+    ``k_fake``) plus, when ``generator_step``, ``mean dmd_loss(params)`` (Eqs. 7-8, with
+    ``k_gen``), whose fake score is held fixed: the gradient of the sum in
+    ``(params, fake_params)`` is each network's own. The real score is the teacher, with
+    classifier-free guidance ``w = distill.real_guidance`` when ``w != 1``:
+    ``u + w (c - u)`` of its conditional and unconditional (label ``num_classes``)
+    predictions, which is the same combination of their ``x0``.
+
+    Args:
+      config: the run's configuration (``distill.real_guidance``,
+        ``distill.loss_kwargs``: ``time_sampler`` of both losses).
+      process: the process of teacher and student (checked equal).
+      prediction: what teacher and student predict (checked equal).
+      teacher_fn: the teacher's ``model_fn(params, x_t, t, cond)``.
+      num_classes: the teacher's classes (its null label, for guidance).
+
+    Returns:
+      ``loss_fn(model_fn, params, x0, cond, key, *, frozen, fake_params,
+      generator_step=True) -> (scalar, {"fake_loss", "generator_loss", "dm_grad_norm"})``,
+      the generator's terms 0 when ``generator_step`` is false; ``x0`` gives only the shape.
+    """
+    kwargs = _loss_kwargs(config, dmd_loss)
+    w = real_guidance(config)
+
+    def real_fn(params, x_t, t, cond):
+        out = teacher_fn(params, x_t, t, cond)
+        if w == 1 or cond is None:  # None: the build's dry run (with_teacher checks classes)
+            return out
+        uncond = teacher_fn(params, x_t, t, {"label": jnp.full_like(cond["label"], num_classes)})
+        return uncond + w * (out - uncond)
+
+    def loss(model_fn, params, x0, cond, key, *, frozen, fake_params, generator_step=True):
+        k_z, k_fake, k_gen = jax.random.split(key, 3)
+        z = jax.random.normal(k_z, x0.shape, x0.dtype)
+        generator = one_step_generator(model_fn, process, prediction=prediction)
+        fake, _ = fake_score_loss(model_fn, fake_params, generator(params, z, cond), cond, k_fake,
+                                  process=process, prediction=prediction, **kwargs)
+        value = jnp.mean(fake)
+        zero = jnp.zeros((), value.dtype)
+        metrics = {"fake_loss": value, "generator_loss": zero, "dm_grad_norm": zero}
+        if generator_step:
+            gen, m = dmd_loss(generator, params, z, cond, k_gen, real_fn=real_fn,
+                              real_params=frozen, fake_fn=model_fn, fake_params=fake_params,
+                              process=process, prediction=prediction, **kwargs)
+            metrics.update(generator_loss=jnp.mean(gen), dm_grad_norm=m["grad_norm"])
+            value = value + jnp.mean(gen)
+        return value, metrics
+
+    return loss
+
+
+def generator_turn(config: ml_collections.ConfigDict, fake_count: jax.Array) -> jax.Array:
+    """Whether a DMD2 step also updates the generator (DMD2's two time-scale update rule).
+
+    Every step updates the fake score; the generator's turn is the step whose fake-score
+    update is the ``F``-th since the generator's last, ``F = distill.fake_updates``: the
+    micro-batches of the fake score's optimizer updates number ``F - 1, 2F - 1, ...``
+    (``fake_count`` updates completed before the step). With ``F = 1`` every step is the
+    generator's; its first turn comes after ``F - 1`` fake-score updates, when the fake
+    score no longer equals the teacher (at equality the distribution-matching gradient
+    is 0).
+    """
+    n = fake_updates(config)
+    return fake_count % n == n - 1
+
+
 def _noise_levels(process) -> tuple[float, float]:
     """The smallest and largest noise level ``sigma(t) / alpha(t)`` a process reaches."""
     t = jnp.asarray([process.t_min, process.t_max], jnp.float32)
@@ -288,8 +490,9 @@ def check_teacher(teacher, student, where: str) -> None:
     """Refuse a teacher run (:class:`jaxgen.train.RunParts`) the student cannot distil.
 
     Same image shape and class count; a diffusion or flow model (not itself a
-    consistency model). CD and sCM: its noise levels cover the student's. A student
-    that starts from the teacher's weights (pd; sCM with ``distill.init_from_teacher``):
+    consistency model or a DMD2 generator). CD and sCM: its noise levels cover the
+    student's. A student that starts from the teacher's weights (pd, reflow, dmd2; sCM
+    with ``distill.init_from_teacher``):
     the same model (up to its dropout rates), process and parametrisation
     (:data:`_SAME_AS_TEACHER`) and
     prediction; a pd teacher that is itself a pd student samples in
@@ -298,6 +501,9 @@ def check_teacher(teacher, student, where: str) -> None:
     if teacher.is_consistency:
         raise InputError(f"distill.teacher={where}: a consistency model; distil a diffusion or "
                          "flow model (its PF-ODE is the teacher).")
+    if teacher.is_one_step_generator:
+        raise InputError(f"distill.teacher={where}: a DMD2 one-step generator (no score or "
+                         "PF-ODE); distil a diffusion or flow model.")
     if tuple(teacher.image_shape) != tuple(student.image_shape):
         data = teacher.config.data
         raise InputError(
@@ -378,10 +584,17 @@ def teacher_loss(config: ml_collections.ConfigDict, student, teacher) -> Callabl
     ``scm``: the teacher's velocity (:func:`jaxgen.diffusion.scm.teacher_velocity`)
     gives ``dx_t/dt``. ``pd``: :func:`jaxgen.diffusion.distillation.progressive_loss`
     with the teacher's ``distill.teacher_steps`` uniform times
-    (:func:`jaxgen.diffusion.distillation.progressive_times`).
+    (:func:`jaxgen.diffusion.distillation.progressive_times`). ``reflow``:
+    :func:`reflow_trainer_loss`. ``dmd2``: :func:`dmd2_trainer_loss` (also given
+    ``fake_params``; see :attr:`jaxgen.train.TrainState.fake_params`).
     """
     loss_name = config.diffusion.loss
     process = student.process
+    if loss_name == "reflow":
+        return reflow_trainer_loss(config, teacher.process, teacher.prediction, teacher.model_fn)
+    if loss_name == "dmd2":
+        return dmd2_trainer_loss(config, teacher.process, teacher.prediction, teacher.model_fn,
+                                 teacher.num_classes)
     if loss_name == "scm":
         velocity = lambda frozen: teacher_velocity(
             teacher.model_fn, frozen, teacher.process, prediction=teacher.prediction,
@@ -437,6 +650,10 @@ def with_teacher(parts, *, teacher: Any = None):
         from jaxgen.train.run import load_run  # run.py imports the loop, which imports us
 
         teacher = load_run(cfg.teacher, cfg.get("teacher_weights"))
+    if real_guidance(parts.config) != 1 and not teacher.parts.num_classes:
+        raise InputError(f"distill.real_guidance={real_guidance(parts.config)}: classifier-free "
+                         f"guidance needs a class-conditional teacher; {cfg.teacher} has no "
+                         "classes: set it to 1.")
     check_teacher(teacher.parts, parts, cfg.teacher)
     loss = teacher_loss(parts.config, parts, teacher.parts)
     start = None

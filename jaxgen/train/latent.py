@@ -21,13 +21,17 @@ above with ``scale = final_std / raw_std`` and ``shift = raw_mean``, and its
 ``x / 255`` and reads its output as [0, 1] (``unit_range``); images are then
 mapped to model space [-1, 1] before jaxgen's one uint8 rule (EDM2 truncates,
 ``clamp(0, 1) * 255``, so its uint8 are at most one level lower).
+
+A loss that needs the images too (REPA's encoder, :func:`wants_images`) trains
+on a dataset of ``jaxgen.encode --keep-images``: its batches carry the uint8
+images with the moments, and the step's ``x0`` is a :class:`LatentImages`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +49,14 @@ from jaxgen.parallel import replicated
 def enabled(config: ml_collections.ConfigDict) -> bool:
     """Whether ``config`` trains on latents (``latent.vae`` set; absent from older configs)."""
     return bool(config.get("latent") and config.latent.vae)
+
+
+def wants_images(config: ml_collections.ConfigDict) -> bool:
+    """Whether a latent run's batches must carry the images of their latents: REPA's
+    encoder runs on them (``train.repa`` with a weight lambda > 0)."""
+    from jaxgen.train import repa  # it imports this module
+
+    return enabled(config) and repa.aligns(config)
 
 
 def make_vae(config: ml_collections.ConfigDict) -> AutoencoderKL:
@@ -98,7 +110,8 @@ def check_dataset(config: ml_collections.ConfigDict, source) -> None:
 
     Raises:
       InputError: naming the dataset's ``meta.json`` and the first difference; also a
-        latent dataset in a pixel run, or images in a latent run.
+        latent dataset in a pixel run, images in a latent run, or a dataset without
+        its images in a run that needs them (:func:`wants_images`).
     """
     is_latent = isinstance(source, LatentSource)
     if not enabled(config):
@@ -130,6 +143,10 @@ def check_dataset(config: ml_collections.ConfigDict, source) -> None:
         raise InputError(f"{where}: encoded with VAE {meta['vae']['name']} (sha256 "
                          f"{meta['vae']['sha256'][:12]}), but latent.vae={config.latent.vae} "
                          f"has sha256 {vae_id['sha256'][:12]}; give that VAE or encode again.")
+    if wants_images(config) and not source.has_images:
+        raise InputError(f"{source.folder}: train.repa's encoder sees the images, but this latent "
+                         "dataset holds only their latents; encode it again with python -m "
+                         "jaxgen.encode --keep-images (or set train.repa.encoder='').")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -186,11 +203,35 @@ def sample_latents(moments: jax.Array, key: jax.Array, scale: np.ndarray,
     return jnp.asarray(scale) * (sample_latent(key, mean, logvar) - jnp.asarray(shift))
 
 
+class LatentImages(NamedTuple):
+    """The ``x0`` of a latent run whose loss needs the images too (:func:`wants_images`).
+
+    Attributes:
+      latents: the model's ``x0``, the scaled posterior draw ``[B, h, w, c]``.
+      images: uint8 ``[B, H, W, C]``, the images those latents were encoded from (the
+        mirror where the latents are the mirror view's).
+    """
+
+    latents: jax.Array
+    images: jax.Array
+
+
 def make_to_x0(config: ml_collections.ConfigDict, channels: int):
     """The train step's ``to_x0(batch_data, key) -> x0``: uint8 images to [-1, 1], or for a
-    latent run (``channels`` latent channels) :func:`sample_latents` of the moments."""
+    latent run (``channels`` latent channels) :func:`sample_latents` of the moments; with
+    the images in the batch (``{"moments", "pixels"}``) and a loss that needs them
+    (:func:`wants_images`), a :class:`LatentImages`."""
     if not enabled(config):
         return lambda images, key: to_model_space(images)
     scale, shift = (channel_values(config.latent[k], channels, f"latent.{k}")
                     for k in ("scale", "shift"))
-    return lambda moments, key: sample_latents(moments, key, scale, shift)
+    draw = lambda moments, key: sample_latents(moments, key, scale, shift)
+    keep = wants_images(config)
+
+    def to_x0(data, key):
+        if not isinstance(data, dict):  # moments alone (a loss needing images refuses them)
+            return draw(data, key)
+        z = draw(data["moments"], key)
+        return LatentImages(z, data["pixels"]) if keep else z
+
+    return to_x0

@@ -23,7 +23,7 @@ from jaxgen.models import count_params
 from jaxgen.parallel import initialize_distributed, make_mesh
 from jaxgen.train import latent, repa
 from jaxgen.train.checkpoint import Checkpointer
-from jaxgen.train.consistency import needs_teacher, teacher_steps, with_teacher
+from jaxgen.train.consistency import fake_updates, needs_teacher, teacher_steps, with_teacher
 from jaxgen.train.monitoring import (
     fid_of_samples,
     image_grid,
@@ -269,7 +269,12 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
         how = {"cd": f"one {d.solver} step of its ODE per target",
                "scm": "its PF-ODE velocity for the tangent",
                "pd": f"{teacher_steps(config)} DDIM steps -> {teacher_steps(config) // 2}, "
-                     "the student starting from its weights"}[config.diffusion.loss]
+                     "the student starting from its weights",
+               "reflow": f"{teacher_steps(config)} {d.solver} steps of its ODE from fresh noise "
+                         "per pair, the student starting from its weights",
+               "dmd2": f"its score as DMD2's real score, {fake_updates(config)} fake-score "
+                       "updates per generator update, both starting from its weights",
+               }[config.diffusion.loss]
         lines.append(f"distill: teacher {d.teacher} (weights "
                      f"{d.teacher_weights or 'its default'}), {how}")
     if repa.enabled(config):
@@ -287,6 +292,8 @@ def _eval_sampler(parts: RunParts) -> str:
     """The sampler the run's evaluations use (see :func:`sample_images`)."""
     if parts.is_consistency:
         return "consistency sampler"
+    if parts.is_one_step_generator:
+        return "one-step generator"
     return "ddim" if parts.config.diffusion.get("loss") == "pd" else parts.config.eval.solver
 
 
@@ -513,7 +520,7 @@ def _train(config, workdir_path, parts, source, lock, write_config: bool, config
     data = TrainIterator(
         source, config.data.batch_size, seed=config.seed, flip=config.data.flip,
         pad_to=config.data.pad_to, with_labels=bool(parts.num_classes), mesh=parts.mesh,
-        state=extra["data"],
+        with_images=latent.wants_images(config), state=extra["data"],
     )
     train_step = make_train_step(parts)
     evaluator = _Evaluator(parts, workdir_path)

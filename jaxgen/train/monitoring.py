@@ -65,7 +65,10 @@ def sample_images(
         ``steps`` evaluations of :func:`jaxgen.sampling.consistency_sample`; a
         progressive-distillation student (``diffusion.loss = "pd"``) ignores it too and
         samples with deterministic DDIM on the times it was distilled for
-        (:func:`jaxgen.diffusion.distillation.progressive_times`), as Salimans & Ho (2022).
+        (:func:`jaxgen.diffusion.distillation.progressive_times`), as Salimans & Ho (2022);
+        a DMD2 generator (:attr:`RunParts.is_one_step_generator`) ignores it and takes
+        ``steps = 1``: ``G(z) = x0(sigma(t_max) z, t_max)`` with ``z`` the noise
+        :func:`jaxgen.sampling.consistency_sample` draws for sample ``i``.
       cfg_scale: classifier-free guidance weight (1: none); needs a
         class-conditional model trained with label dropout.
       solver_options: solver-specific keywords.
@@ -92,13 +95,20 @@ def sample_images(
         guidance = sampling.Guidance(cfg_scale, uncond=uncond, **options)
     how = dict(prediction=parts.prediction, solver=solver, steps=steps, guidance=guidance,
                solver_options=solver_options, cache_interval=cache_interval)
-    if parts.is_consistency:  # Algorithm 1 of Song et al. (2023): NFE = steps, no solver
+    if parts.is_consistency or parts.is_one_step_generator:
+        # Algorithm 1 of Song et al. (2023): NFE = steps, no solver; a DMD2 generator is
+        # its first evaluation, at t_max.
+        what = "a consistency model" if parts.is_consistency else "a DMD2 generator"
         if guidance is not None or cache_interval is not None:
             raise InputError(f"cfg_scale={cfg_scale}, guidance {options}, cache_interval="
-                             f"{cache_interval}: a consistency model samples without guidance "
-                             "or feature caching; use cfg_scale 1, no options, no cache.")
-        how = dict(sampler=sampling.consistency_sample, prediction=parts.prediction,
-                   ts=sampling.consistency_times(parts.process, steps))
+                             f"{cache_interval}: {what} samples without guidance or feature "
+                             "caching; use cfg_scale 1, no options, no cache.")
+        if parts.is_one_step_generator and steps != 1:
+            raise InputError(f"steps={steps}: a DMD2 run is a one-step generator G(noise); "
+                             "sample it with steps 1 (jaxgen.sample --steps 1).")
+        ts = (sampling.consistency_times(parts.process, steps) if parts.is_consistency
+              else (parts.process.t_max,))
+        how = dict(sampler=sampling.consistency_sample, prediction=parts.prediction, ts=ts)
     elif parts.config.diffusion.get("loss") == "pd":
         how.update(solver="ddim", solver_options=None,
                    grid=progressive_times(parts.process, steps))

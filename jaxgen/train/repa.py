@@ -19,9 +19,19 @@ from :func:`jaxgen.encoders.load_dinov2`, with REPA's preprocessing
 :func:`jaxgen.encoders.dinov2.preprocess_repa` and timm's antialiased
 position-embedding resampling), or, offline, the FID Inception's spatial
 features ``mixed_6/conv`` (192 channels, 17 x 17; the weights of
-``bash scripts/install.sh``). The encoder sees pixels: training a latent run
-(``latent.vae``) with REPA is refused, since its batches hold latents, not the
-images (the model, its checkpoints and sampling work the same in latent runs).
+``bash scripts/install.sh``).
+
+The encoder sees pixels. In a latent run (``latent.vae``; the paper's SiT-XL/2
+on SD-VAE latents) it sees the images the latents were encoded from, as in the
+reference, whose dataset gives each example's raw image and VAE moments: the
+dataset must keep them (``python -m jaxgen.encode --keep-images``; one without
+is refused, naming the fix); each batch then carries them next to the moments
+(:class:`jaxgen.data.TrainIterator` ``with_images``), mirrored with the mirror
+view's latents, and the loss feeds the encoder those uint8 images as it feeds
+it a pixel run's while the model denoises the latents
+(:class:`jaxgen.train.latent.LatentImages`). The model's token grid is the
+latents' (32 x 32 / 2 = 16 x 16 for SiT-XL/2), the encoder's the images'
+(DINOv2 at 224 x 224 for 256 x 256 images).
 """
 
 from __future__ import annotations
@@ -37,8 +47,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxgen.data.pipeline import to_model_space
 from jaxgen.errors import InputError
 from jaxgen.models.repa import REPAModel
+from jaxgen.train.latent import LatentImages
+from jaxgen.train.latent import enabled as trains_on_latents
 
 DINOV2_ENCODERS = ("dinov2-vits14", "dinov2-vitb14", "dinov2-vitl14", "dinov2-vitg14")
 ENCODERS = (*DINOV2_ENCODERS, "inception")
@@ -50,6 +63,11 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
     """Whether ``config`` trains with REPA (``train.repa.encoder`` set)."""
     repa = config.train.get("repa")
     return bool(repa and repa.get("encoder"))
+
+
+def aligns(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` trains with REPA and a weight lambda > 0 (the encoder runs)."""
+    return enabled(config) and _options(config)["lam"] > 0
 
 
 def _options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -152,23 +170,37 @@ def alignment_loss(z: jax.Array, y: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(unit(z.astype(jnp.float32)) * unit(y.astype(jnp.float32)), -1), -1)
 
 
-def repa_loss(model_fn: Callable, params: Any, x0: jax.Array, cond: Any, key: jax.Array, *,
-              frozen: dict, base_loss: Callable, tokens: Callable, lam: float,
-              **kwargs) -> tuple[jax.Array, dict]:
+def repa_loss(model_fn: Callable, params: Any, x0: jax.Array | LatentImages, cond: Any,
+              key: jax.Array, *, frozen: dict, base_loss: Callable, tokens: Callable,
+              lam: float, latent: bool = False, **kwargs) -> tuple[jax.Array, dict]:
     """``base_loss + lam * alignment_loss`` from one forward pass of the model.
 
     Args:
       model_fn: the train step's model, called with ``return_repa=True``.
-      params, x0, cond, key: as for every :data:`jaxgen.train.state.LossFn`.
+      params, x0, cond, key: as for every :data:`jaxgen.train.state.LossFn`; in a latent
+        run ``x0`` is a :class:`jaxgen.train.latent.LatentImages`: the model denoises
+        its latents, the encoder sees its images (in model space, as a pixel run's).
       frozen: ``{"repa_encoder": variables}``.
       base_loss: the denoising loss; it must call the model once.
-      tokens: ``tokens(variables, x0) -> [B, g_h, g_w, D]`` (:func:`encoder_tokens`).
+      tokens: ``tokens(variables, images) -> [B, g_h, g_w, D]`` of model-space images
+        (:func:`encoder_tokens`).
       lam: the weight lambda.
+      latent: the run trains on latents; an ``x0`` without images is refused.
       **kwargs: passed to ``base_loss`` (e.g. ``step``).
 
     Returns:
       ``(loss, metrics)`` with ``metrics["repa"]`` the batch's mean alignment loss.
+
+    Raises:
+      InputError: a latent run's ``x0`` without its images.
     """
+    pixels = x0
+    if isinstance(x0, LatentImages):
+        x0, pixels = x0.latents, to_model_space(x0.images)
+    elif latent:
+        raise InputError("train.repa in a latent run: the batch holds no images for REPA's "
+                         "encoder; serve them with TrainIterator(..., with_images=True) from a "
+                         "dataset of python -m jaxgen.encode --keep-images.")
     seen = []
 
     def model_with_tokens(p, x_t, t, c, **kw):
@@ -182,7 +214,7 @@ def repa_loss(model_fn: Callable, params: Any, x0: jax.Array, cond: Any, key: ja
                          "the tokens of its one denoising pass.")
     z = seen[0]
     p = round(math.sqrt(x0.shape[1] * x0.shape[2] / z.shape[1]))
-    y = jax.lax.stop_gradient(tokens(frozen["repa_encoder"], x0))
+    y = jax.lax.stop_gradient(tokens(frozen["repa_encoder"], pixels))
     proj = alignment_loss(z, match_grid(y, (x0.shape[1] // p, x0.shape[2] // p)))
     return jnp.mean(value) + lam * jnp.mean(proj), dict(metrics, repa=jnp.mean(proj))
 
@@ -193,17 +225,13 @@ def with_repa(parts, encoder_variables: dict | None = None):
 
     With ``lambda = 0`` nothing is aligned and no encoder is loaded: the run trains
     exactly as without REPA (the projector's parameters exist but receive no gradient).
+    In a latent run the step's ``x0`` must carry the images (see the module's notes).
 
     Args:
       parts: the run's parts; their module is a :class:`REPAModel`.
       encoder_variables: the encoder's variables; default :func:`load_encoder`.
     """
     o = _options(parts.config)
-    if parts.config.get("latent") and parts.config.latent.get("vae"):
-        raise InputError(
-            "train.repa with latent.vae: REPA's encoder sees the images, but a latent dataset "
-            "(python -m jaxgen.encode) holds only the latents' moments; train REPA on pixels "
-            "until latent datasets carry the encoder's features.")
     if parts.frozen is not None:
         raise InputError("train.repa: the run already has frozen weights; REPA's encoder "
                          "takes that place (pass frozen=None).")
@@ -216,5 +244,6 @@ def with_repa(parts, encoder_variables: dict | None = None):
     module = encoder_module(o["encoder"])[0]
     variables = load_encoder(parts.config) if encoder_variables is None else encoder_variables
     tokens = lambda v, x0: encoder_tokens(o["encoder"], module, v, x0)
-    loss = functools.partial(repa_loss, base_loss=parts.loss_fn, tokens=tokens, lam=o["lam"])
+    loss = functools.partial(repa_loss, base_loss=parts.loss_fn, tokens=tokens, lam=o["lam"],
+                             latent=trains_on_latents(parts.config))
     return dataclasses.replace(parts, loss_fn=loss, frozen={"repa_encoder": variables})

@@ -46,6 +46,8 @@ from jaxgen.train.consistency import (
     FEW_STEP_LOSSES,
     check_consistency,
     consistency_loss,
+    fake_updates,
+    generator_turn,
     target_ema,
     wrap_few_step_model,
 )
@@ -70,9 +72,9 @@ training-mode forward pass, i.e. before the next step uses the weights)."""
 class TrainState:
     """Everything a run needs to continue.
 
-    The two fields added for EDM2 are ``None`` when unused, so that a run
-    without them saves (and restores) the same checkpoint tree as before
-    they existed.
+    The fields added after the first five (EDM2's, CD's target, DMD2's fake score)
+    are ``None`` when unused; a checkpoint saved before one of them existed
+    restores with it ``None`` (:meth:`jaxgen.train.Checkpointer.restore_latest`).
 
     Attributes:
       step: number of train-step calls so far (micro-batches with accumulation).
@@ -92,6 +94,14 @@ class TrainState:
         2023, Algorithm 2: ``theta- <- mu theta- + (1 - mu) theta`` after each update,
         ``mu = distill.target_ema``), given to the loss as ``target_params``;
         ``None`` when ``mu = 0`` (the target is the current weights).
+      fake_params: DMD2's fake-score network (``diffusion.loss = "dmd2"``; the
+        student's architecture, starting as the teacher's weights), updated at every
+        step by :func:`jaxgen.diffusion.distillation.fake_score_loss` on the
+        generator's samples; ``params`` are then the one-step generator's, updated
+        every ``distill.fake_updates``-th step (:func:`jaxgen.train.consistency.generator_turn`).
+        ``None`` for other losses.
+      fake_opt_state: the fake score's own optax state (:attr:`RunParts.fake_optimizer`);
+        ``None`` for other losses.
     """
 
     step: jax.Array
@@ -102,6 +112,8 @@ class TrainState:
     constants: dict[str, Any] | None = None
     phema: PowerEMAState | None = None
     target: Any = None
+    fake_params: Any = None
+    fake_opt_state: Any = None
 
 
 def ema_name(decay: float) -> str:
@@ -252,7 +264,10 @@ in training mode (dropout on), keywords passed to the module's call (EDM2's
 distillation teacher, a feature encoder) calls ``loss_fn(..., key, frozen=frozen)``
 with them as traced arrays; a loss with a ``step`` keyword (iCT's curriculum) gets
 ``step=`` the number of optimizer updates so far (traced int32); a run with a target
-network (:attr:`TrainState.target`) passes it as ``target_params=``."""
+network (:attr:`TrainState.target`) passes it as ``target_params=``; a run with a fake
+score (:attr:`TrainState.fake_params`, DMD2) passes it as ``fake_params=``, differentiated
+with ``params``, and ``generator_step=`` (a Python bool: whether the generator's terms
+are needed this step)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +284,11 @@ class RunParts:
     (the loop and :func:`jaxgen.train.load_run` do). They are host arrays that
     compiled samplers embed: small, and fixed for the run, so one compilation
     still serves every checkpoint and EMA.
+
+    ``fake_optimizer`` is DMD2's fake-score optimizer (``None`` for other losses): the
+    same ``config.optim`` transform as ``optimizer``, scheduled over the run's
+    ``num_steps // grad_accum`` updates, while ``optimizer`` and ``schedule`` (the
+    generator's) span ``1 / distill.fake_updates`` of them, the generator's share.
     """
 
     module: nn.Module
@@ -283,6 +303,7 @@ class RunParts:
     constants: dict[str, Any] | None = None
     frozen: Any = None
     start: Any = None
+    fake_optimizer: optax.MultiSteps | None = None
 
     def with_constants(self, constants: dict[str, Any] | None) -> RunParts:
         """These parts with the model's fixed collections (``state.constants``) bound."""
@@ -301,6 +322,13 @@ class RunParts:
         :func:`jaxgen.sampling.consistency_sample`."""
         return (self.config.diffusion.precond == "consistency"
                 or self.config.diffusion.get("loss") == "scm")
+
+    @property
+    def is_one_step_generator(self) -> bool:
+        """Whether the model is a DMD2 one-step generator (``diffusion.loss = "dmd2"``):
+        sampled as ``G(z) = x0(sigma(t_max) z, t_max)``, one evaluation
+        (:func:`jaxgen.diffusion.distillation.one_step_generator`)."""
+        return self.config.diffusion.get("loss") == "dmd2"
 
     @property
     def num_classes(self) -> int:
@@ -424,17 +452,21 @@ def make_run_parts(
     if loss_fn is None:
         loss_fn = _make_loss(config.diffusion, module, process, prediction)
     loss_fn = _with_learned_variance(config.diffusion, module, process, prediction, loss_fn)
+    # DMD2: each network's schedule counts its own updates; the generator makes 1 in F.
+    n_fake = fake_updates(config)
+    generator_updates = total_updates if n_fake is None else max(total_updates // n_fake, 1)
     return RunParts(
         module=module,
         process=process,
         prediction=prediction,
-        optimizer=make_optimizer(config.optim, total_updates),
-        schedule=make_schedule(config.optim, total_updates),
+        optimizer=make_optimizer(config.optim, generator_updates),
+        schedule=make_schedule(config.optim, generator_updates),
         mesh=mesh,
         image_shape=tuple(image_shape),
         config=config,
         loss_fn=loss_fn,
         frozen=frozen,
+        fake_optimizer=None if n_fake is None else make_optimizer(config.optim, total_updates),
     )
 
 
@@ -533,6 +565,10 @@ def _init_boxed(parts: RunParts, key: jax.Array, start: Any = None) -> TrainStat
         constants=variables or None,
         phema=power_ema_init(params, sigma_rels) if sigma_rels else None,
         target=params if target_ema(parts.config) > 0 else None,
+        # DMD2's fake score starts as the generator does (the teacher's weights).
+        fake_params=None if parts.fake_optimizer is None else params,
+        fake_opt_state=None if parts.fake_optimizer is None else parts.fake_optimizer.init(
+            params),
     )
 
 
@@ -602,6 +638,19 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
     module in :data:`PARAM_CONSTRAINTS` are projected (EDM2's forced weight
     normalisation), then the EMAs and the power EMAs average the projected
     weights. The model reads the state's ``constants`` in every call.
+
+    DMD2 (:attr:`TrainState.fake_params`): one gradient of the loss in
+    ``(params, fake_params)`` per step. The fake score's optimizer
+    (:attr:`RunParts.fake_optimizer`) takes it at every step. On the generator's turn
+    (:func:`jaxgen.train.consistency.generator_turn`, under ``lax.cond``, so the
+    generator's terms are computed on its turns only) the generator's optimizer takes
+    its part; on the other steps the generator's weights, optimizer state (Adam's
+    moments and counts, ``grad_accum``'s accumulator), EMAs and power EMAs are left
+    exactly as they were, so that each optimizer, schedule and EMA counts its own
+    network's updates. ``grad_norm`` and ``update_norm`` are the generator's (0 off its
+    turns), ``lr`` its schedule's, ``fake_grad_norm`` and ``fake_update_norm`` the fake score's;
+    ``loss`` is ``fake_loss + generator_loss`` (the latter 0 off its turns, so a
+    window's mean of it is ``1 / distill.fake_updates`` of its mean over the turns).
     """
     cfg = parts.config
     tx = parts.optimizer
@@ -613,6 +662,7 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
         lambda frozen: {"frozen": frozen})
     takes_step = "step" in inspect.signature(parts.loss_fn).parameters
     mu = target_ema(cfg)
+    fake_tx = parts.fake_optimizer
 
     def step_fn(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.rng, state.step)
@@ -624,19 +674,34 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
             return parts.apply(p, x, t, c, train=True, rngs={"dropout": k_model},
                                constants=state.constants or {}, **kwargs)
 
-        def objective(params):
+        def objective(params, fake_params=None, generator_step=True):
             step_kwargs = {"step": _update_count(state.opt_state)} if takes_step else {}
             if state.target is not None:
                 step_kwargs["target_params"] = state.target
+            if fake_tx is not None:
+                step_kwargs.update(fake_params=fake_params, generator_step=generator_step)
             value, metrics = parts.loss_fn(model_fn, params, x0, cond, k_loss,
                                            **loss_kwargs(frozen), **step_kwargs)
             value = jnp.mean(value)  # per-example [B] or already a scalar
             return value, dict(metrics, loss=value)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        if fake_tx is None:
+            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        else:  # DMD2: both networks' gradients; the generator's terms on its turns only
+            turn = generator_turn(cfg, _update_count(state.fake_opt_state))
+            both = lambda generator_step: jax.value_and_grad(
+                lambda p: objective(*p, generator_step=generator_step), has_aux=True,
+            )((state.params, state.fake_params))
+            (loss, metrics), (grads, fake_grads) = jax.lax.cond(
+                turn, lambda: both(True), lambda: both(False))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         updated = tx.has_updated(opt_state)
+        if fake_tx is not None:  # off its turns the generator and its optimizer stand still
+            on_turn = lambda new, old: jax.tree.map(lambda n, o: jnp.where(turn, n, o), new, old)
+            params, opt_state = on_turn(params, state.params), on_turn(opt_state, state.opt_state)
+            updates = jax.tree.map(lambda u: jnp.where(turn, u, jnp.zeros_like(u)), updates)
+            updated = updated & turn
         keep_unless_updated = lambda new, old: jax.tree.map(
             lambda n, o: jnp.where(updated, n, o), new, old)
         if constrain is not None:  # on real updates only: the projection is not idempotent
@@ -652,13 +717,25 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
             phema = keep_unless_updated(power_ema_update(phema, params, sigma_rels), phema)
         grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+        fake_params, fake_opt_state = state.fake_params, state.fake_opt_state
+        if fake_tx is not None:  # DMD2's fake score: an update at every step
+            fake_step, fake_opt_state = fake_tx.update(fake_grads, fake_opt_state, fake_params)
+            fake_params = optax.apply_updates(fake_params, fake_step)
+            if constrain is not None:
+                fake_params = jax.tree.map(
+                    lambda n, o: jnp.where(fake_tx.has_updated(fake_opt_state), n, o),
+                    constrain(fake_params), fake_params)
+            fake_norms = optax.tree.norm(fake_grads), optax.tree.norm(fake_step)
+            finite = finite & jnp.isfinite(fake_norms[0]) & jnp.isfinite(fake_norms[1])
+            metrics = dict(metrics, fake_grad_norm=fake_norms[0], fake_update_norm=fake_norms[1])
         metrics = dict(metrics, grad_norm=grad_norm, update_norm=update_norm,
                        lr=parts.schedule(n_updates), finite=finite.astype(jnp.float32))
         target = state.target
         if target is not None:  # theta- <- stopgrad(mu theta- + (1 - mu) theta), CD Alg. 2
             target = keep_unless_updated(optax.incremental_update(params, target, 1 - mu), target)
         new_state = state.replace(params=params, ema=ema, opt_state=opt_state, phema=phema,
-                                  target=target)
+                                  target=target, fake_params=fake_params,
+                                  fake_opt_state=fake_opt_state)
         # Checked on the device: a non-finite step is dropped without a host round trip.
         kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
         return kept.replace(step=state.step + 1), metrics

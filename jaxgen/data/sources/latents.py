@@ -17,8 +17,20 @@ The folder holds:
   of the diagonal Gaussian posterior (DiT draws a fresh latent from it at
   every step);
 - ``labels.npy``: int32 ``[count]`` (when the images have labels);
-- ``progress.json``: ``{"done": k}``, the rows written so far, replaced
-  atomically after each batch; the dataset is finished when ``k == count``.
+- ``images.npy`` (only with ``python -m jaxgen.encode --keep-images``; then
+  ``meta.json`` has ``"images": true`` and ``"image_shape": [H, W, C]``): uint8
+  ``[count, H, W, C]``, each image exactly as the VAE was given it (center-cropped
+  and resized to ``resolution``, before gray is repeated to the VAE's channels).
+  Only the image is stored: the VAE's mirror view ``[:, 1]`` was encoded from its
+  exact left-right mirror ``[:, :, ::-1]``, which :meth:`LatentSource.read_images`
+  returns for a flipped example. REPA's encoder sees these images
+  (:mod:`jaxgen.train.repa`) while the model trains on the latents;
+- ``progress.json``: ``{"done": k}``, the rows written so far (moments and
+  images), replaced atomically after each batch; the dataset is finished when
+  ``k == count``.
+
+A dataset written without ``--keep-images`` has exactly the files and bytes it
+had before images could be kept.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from jaxgen.files import sha256
 
 FORMAT = "jaxgen-latents-1"
 META, MOMENTS, LABELS, PROGRESS = "meta.json", "moments.npy", "labels.npy", "progress.json"
+IMAGES = "images.npy"
 DTYPES = ("float32", "float16")
 """Storage types of ``moments.npy``; reads are float32 either way."""
 
@@ -107,7 +120,9 @@ class LatentSource(ImageSource):
     ``[n, h, w, 2c]`` (``mean`` then ``logvar`` on the last axis; float16 storage
     is widened exactly), and
     :attr:`image_shape` is the shape ``(h, w, c)`` of one latent, the model's
-    input. :meth:`read_flipped` returns the moments stored for the mirror image.
+    input. :meth:`read_flipped` returns the moments stored for the mirror image;
+    :meth:`read_images` the uint8 images the VAE saw, when the dataset keeps them
+    (:attr:`has_images`).
 
     Attributes:
       folder: the dataset folder.
@@ -155,6 +170,17 @@ class LatentSource(ImageSource):
         if dtype not in DTYPES or self._moments.dtype != np.dtype(dtype):
             raise InputError(f"{self.folder / MOMENTS}: dtype {self._moments.dtype}, but "
                              f"{META} says {dtype!r} (one of {DTYPES}); encode again.")
+        self._images = None
+        if self.has_images:
+            try:
+                self._images = np.load(self.folder / IMAGES, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise InputError(f"{self.folder / IMAGES}: unreadable ({e}); encode again.") from e
+            want = (count, *self.meta["image_shape"])
+            if self._images.shape != want or self._images.dtype != np.uint8:
+                raise InputError(f"{self.folder / IMAGES}: {self._images.dtype} "
+                                 f"{self._images.shape}, but {META} says uint8 {want}; encode "
+                                 "again.")
 
     def __len__(self) -> int:
         return int(self.meta["count"])
@@ -167,6 +193,27 @@ class LatentSource(ImageSource):
     def image_shape(self) -> tuple[int, int, int]:
         """``(h, w, c)`` of a latent (reads hold ``2c`` channels: mean and logvar)."""
         return tuple(self.meta["latent_shape"])
+
+    @property
+    def has_images(self) -> bool:
+        """Whether the dataset keeps the encoded images (``jaxgen.encode --keep-images``)."""
+        return bool(self.meta.get("images", False))
+
+    def read_images(self, indices: np.ndarray, flips: np.ndarray | None = None) -> np.ndarray:
+        """uint8 ``[n, H, W, C]``: the images ``indices`` as the VAE saw them, mirrored
+        left-right where ``flips`` (the image of the stored mirror view's moments).
+
+        Raises:
+          InputError: the dataset keeps no images.
+        """
+        if self._images is None:
+            raise InputError(f"{self.folder}: a latent dataset without its images; encode "
+                             "it again with python -m jaxgen.encode --keep-images.")
+        images = np.asarray(self._images[np.asarray(indices, dtype=np.int64)])  # a copy
+        if flips is not None and np.any(flips):
+            flips = np.asarray(flips, dtype=bool)
+            images[flips] = images[flips][:, :, ::-1]
+        return images
 
     def read_with_labels(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return self.read_flipped(indices, np.zeros(len(indices), bool))
