@@ -196,6 +196,19 @@ def test_bad_config_values_are_input_errors(data_file):
         setup_of(tiny_config(data_file, **{"train.compute_dtype": "float16"}))
 
 
+def test_process_kwargs_of_another_process_are_named():
+    # The flow recipes set process_kwargs.path; switching only the process to VP
+    # used to end in a TypeError from the dataclass.
+    from jaxgen.configs import fashion_mnist
+    from jaxgen.train.state import make_process
+
+    cfg = fashion_mnist.get_config().diffusion
+    assert cfg.process == "flow" and "path" in cfg.process_kwargs
+    cfg.process = "vp"
+    with pytest.raises(InputError, match=r"has path, which process 'vp' does not take"):
+        make_process(cfg)
+
+
 # bfloat16 compute against float32 within its rounding, one step's numbers against
 # AdamW / EMA / accumulation by hand: tests/test_train_step_math.py.
 

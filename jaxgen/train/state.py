@@ -174,6 +174,15 @@ def make_process(cfg: ml_collections.ConfigDict):
               for k, v in dict(cfg.get("process_kwargs", {})).items()}
     if cfg.process in ("edm", "trigflow"):
         _add_sigma_data(kwargs, cfg, "process_kwargs")
+    fields = [f.name for f in dataclasses.fields(PROCESSES[cfg.process]) if f.init]
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise InputError(
+            f"diffusion.process_kwargs has {', '.join(unknown)}, which process "
+            f"{cfg.process!r} does not take (it takes {', '.join(fields) or 'no arguments'}): "
+            "a recipe's process_kwargs belong to its own process, so switch processes in a config "
+            "file that also sets diffusion.process_kwargs, or keep the recipe's process."
+        )
     return PROCESSES[cfg.process](**kwargs)
 
 
