@@ -47,6 +47,7 @@ from jaxgen.train.consistency import (
     check_consistency,
     consistency_loss,
     fake_updates,
+    generator_terms_on_turn,
     generator_turn,
     target_ema,
     wrap_few_step_model,
@@ -628,6 +629,16 @@ def init_state(parts: RunParts, seed: int) -> TrainState:
     return init(key, parts.start)
 
 
+def gradients_under_cond(mesh: Mesh) -> bool:
+    """Whether a gradient inside ``lax.cond`` runs at full speed on ``mesh``'s devices.
+
+    Not on XLA:CPU: there the DDPM-style U-Net's ``value_and_grad`` took 1.77 s inside a
+    ``lax.cond`` against 0.15 s outside it (jax 0.10.2; inside ``lax.scan`` 0.87 s), while
+    forward passes are unaffected (BENCHMARKS.md, "DMD2 on the CPU").
+    """
+    return mesh.devices.flat[0].platform != "cpu"
+
+
 def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted ``train_step(state, batch) -> (state, metrics)``.
 
@@ -652,7 +663,9 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
     ``(params, fake_params)`` per step. The fake score's optimizer
     (:attr:`RunParts.fake_optimizer`) takes it at every step. On the generator's turn
     (:func:`jaxgen.train.consistency.generator_turn`, under ``lax.cond``, so the
-    generator's terms are computed on its turns only) the generator's optimizer takes
+    generator's terms are computed on its turns only; on CPU they are computed at every
+    step and dropped off its turns, since XLA:CPU runs a gradient inside a conditional
+    an order of magnitude slower) the generator's optimizer takes
     its part; on the other steps the generator's weights, optimizer state (Adam's
     moments and counts, ``grad_accum``'s accumulator), EMAs and power EMAs are left
     exactly as they were, so that each optimizer, schedule and EMA counts its own
@@ -701,8 +714,16 @@ def make_train_step(parts: RunParts) -> Callable[[TrainState, dict], tuple[Train
             both = lambda generator_step: jax.value_and_grad(
                 lambda p: objective(*p, generator_step=generator_step), has_aux=True,
             )((state.params, state.fake_params))
-            (loss, metrics), (grads, fake_grads) = jax.lax.cond(
-                turn, lambda: both(True), lambda: both(False))
+            if not gradients_under_cond(parts.mesh):
+                # Compute the generator's terms at every step and drop them off its turns:
+                # the numbers the cond gives, at a fraction of its time on XLA:CPU.
+                (_, metrics), (grads, fake_grads) = both(True)
+                metrics = generator_terms_on_turn(metrics, turn)
+                loss = metrics["loss"]
+                grads = jax.tree.map(lambda g: jnp.where(turn, g, jnp.zeros_like(g)), grads)
+            else:
+                (loss, metrics), (grads, fake_grads) = jax.lax.cond(
+                    turn, lambda: both(True), lambda: both(False))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         updated = tx.has_updated(opt_state)
