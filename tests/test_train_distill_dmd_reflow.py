@@ -210,8 +210,12 @@ def test_dmd2_step_without_cond_matches_the_cond(data_file, teacher_dir, monkeyp
             metrics.append({k: float(v) for k, v in m.items()})
         runs[under_cond] = (jax.tree.map(np.array, state), metrics)
     (a, ma), (b, mb) = runs[False], runs[True]
-    assert [m["generator_loss"] > 0 for m in ma] == [False, True, False]
-    assert [m["dm_grad_norm"] == 0 for m in ma] == [True, False, True]
+    # Off the generator's turns (steps 0 and 2) its terms are exactly 0 and the loss is the
+    # fake score's alone, bit for bit; on its turn they equal the cond's (compared below).
+    for m in (ma[0], ma[2]):
+        assert m["generator_loss"] == m["dm_grad_norm"] == m["grad_norm"] == 0.0
+        assert m["loss"] == m["fake_loss"]
+    assert ma[1]["generator_loss"] != 0.0 and ma[1]["dm_grad_norm"] != 0.0
     for x, y in zip(ma, mb, strict=True):
         assert x.keys() == y.keys()
         for k in x:  # the two programs sum in their own orders: float32 rounding apart

@@ -632,9 +632,9 @@ def init_state(parts: RunParts, seed: int) -> TrainState:
 def gradients_under_cond(mesh: Mesh) -> bool:
     """Whether a gradient inside ``lax.cond`` runs at full speed on ``mesh``'s devices.
 
-    Not on XLA:CPU: there the DDPM-style U-Net's ``value_and_grad`` took 1.77 s inside a
-    ``lax.cond`` against 0.15 s outside it (jax 0.10.2; inside ``lax.scan`` 0.87 s), while
-    forward passes are unaffected (BENCHMARKS.md, "DMD2 on the CPU").
+    Not on XLA:CPU: there the default recipe's U-Net's ``value_and_grad`` (batch 32) took
+    1.77 s inside a ``lax.cond`` against 0.15 s outside it (jax 0.10.2; inside ``lax.scan``
+    0.87 s), while forward passes are unaffected (BENCHMARKS.md, "Few-step students").
     """
     return mesh.devices.flat[0].platform != "cpu"
 
