@@ -9,8 +9,10 @@ jaxgen through a diffusers safetensors file and
 to 1e-4 (relative to the output's scale), then times ``encode`` (posterior
 moments) and ``decode`` on a batch of ``resolution``² RGB images, the two
 libraries alternating, ``--runs`` times each after one warm-up call; prints
-the medians and jaxgen / diffusers ratios. float32 throughout. Needs torch
-and diffusers (not jaxgen dependencies).
+the medians and jaxgen / diffusers ratios. jaxgen is timed twice: as
+``jaxgen.encode`` and the samplers call it (:func:`jaxgen.models.micro_batched`:
+one image at a time from 128x128 up) and on the whole batch at once.
+float32 throughout. Needs torch and diffusers (not jaxgen dependencies).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import safetensors.numpy
 import torch
 from diffusers import AutoencoderKL
 
-from jaxgen.models import create_model
+from jaxgen.models import create_model, micro_batched
 from jaxgen.models.checkpoints import load_weights
 
 
@@ -63,12 +65,20 @@ def main() -> None:
     z = rng.standard_normal((b, r // 8, r // 8, 4)).astype(np.float32)
     x_t, z_t = torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(z).permute(0, 3, 1, 2)
 
-    encode = jax.jit(lambda v, x: model.apply(v, x, method="encode"))
-    decode = jax.jit(lambda v, z: model.apply(v, z, method="decode"))
+    def jitted(method, micro):
+        def run(v, a):
+            fn = lambda u: model.apply(v, u, method=method)
+            return micro_batched(fn, a, pixels=r * r) if micro else fn(a)
+        return jax.jit(run)
+
+    encode, decode = jitted("encode", True), jitted("decode", True)
+    whole = {m: jitted(m, False) for m in ("encode", "decode")}
     calls = {
         "encode": (lambda: jax.block_until_ready(encode(variables, x)),
+                   lambda: jax.block_until_ready(whole["encode"](variables, x)),
                    lambda: ref.encode(x_t).latent_dist.mean),
         "decode": (lambda: jax.block_until_ready(decode(variables, z)),
+                   lambda: jax.block_until_ready(whole["decode"](variables, z)),
                    lambda: ref.decode(z_t).sample),
     }
     with torch.no_grad():
@@ -78,15 +88,18 @@ def main() -> None:
         assert err < 1e-4, f"jaxgen and diffusers disagree: relative error {err:.3g}"
         print(f"SD VAE, {b} x {r}x{r}x3, float32; decode relative max difference {err:.2g}")
         print(f"load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-        for name, (jaxgen_fn, torch_fn) in calls.items():
-            jaxgen_fn(), torch_fn()  # compile / warm up
-            times = {"jaxgen": [], "diffusers": []}
+        for name, (jaxgen_fn, batch_fn, torch_fn) in calls.items():
+            jaxgen_fn(), batch_fn(), torch_fn()  # compile / warm up
+            times = {"jaxgen": [], "batch": [], "diffusers": []}
             for _ in range(args.runs):
                 times["jaxgen"].append(_seconds(jaxgen_fn))
+                times["batch"].append(_seconds(batch_fn))
                 times["diffusers"].append(_seconds(torch_fn))
             rate = {k: b / statistics.median(v) for k, v in times.items()}
-            print(f"{name}: jaxgen {rate['jaxgen']:.2f} img/s, diffusers "
-                  f"{rate['diffusers']:.2f} img/s, ratio {rate['jaxgen'] / rate['diffusers']:.2f}")
+            ratio = {k: rate[k] / rate["diffusers"] for k in ("jaxgen", "batch")}
+            print(f"{name}: jaxgen {rate['jaxgen']:.2f} img/s (whole batch at once "
+                  f"{rate['batch']:.2f}), diffusers {rate['diffusers']:.2f} img/s, ratio "
+                  f"{ratio['jaxgen']:.2f} ({ratio['batch']:.2f})")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,7 @@ def encode_dataset(
     import jax.numpy as jnp
     from tqdm import tqdm
 
+    from jaxgen.models import micro_batched
     from jaxgen.parallel import batch_sharding, make_mesh, pad_batch, replicated, to_host
 
     out = Path(out)
@@ -211,7 +212,9 @@ def encode_dataset(
         mesh = make_mesh(jax.local_devices())
         params = jax.device_put(variables, replicated(mesh))
         encode = jax.jit(  # the stored layout: mean, then logvar, on the last axis
-            lambda p, x: jnp.concatenate(vae.apply(p, x, method="encode"), axis=-1),
+            lambda p, x: micro_batched(
+                lambda u: jnp.concatenate(vae.apply(p, u, method="encode"), axis=-1), x,
+                pixels=x.shape[1] * x.shape[2], shards=mesh.size),
             out_shardings=batch_sharding(mesh))
         moments = np.load(out / MOMENTS, mmap_mode="r+")
         kept = np.load(out / IMAGES, mmap_mode="r+") if keep_images else None

@@ -111,6 +111,8 @@ class IdentityVAE:
     """Stands in for the autoencoder in :class:`LatentSpace`: its decoder returns its input,
     so ``decode`` shows exactly what the VAE would be fed."""
 
+    factor = 1  # latent and image of one size: below the micro-batching threshold
+
     def apply(self, variables, x, method):
         assert method == "decode"
         return x

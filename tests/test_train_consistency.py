@@ -18,13 +18,13 @@ import ml_collections
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
-from train_fixtures import assert_same, batch_of, leaves, setup_of, tiny_config
+from train_fixtures import assert_same, batch_of, leaves, set_fields, setup_of, tiny_config
 
 from jaxgen import sample as sample_cli
 from jaxgen.diffusion import EDM, Flow, TrigFlow
 from jaxgen.diffusion.consistency import cd_loss, ict_loss, ict_num_scales
 from jaxgen.diffusion.distillation import progressive_loss, progressive_times
-from jaxgen.diffusion.scm import scm_loss, teacher_velocity
+from jaxgen.diffusion.scm import scm_loss, teacher_velocity, trigflow_velocity
 from jaxgen.errors import InputError
 from jaxgen.sampling import consistency_times, sample, to_uint8
 from jaxgen.sampling.teacher import solver_step
@@ -377,6 +377,67 @@ def test_scm_samples_at_the_papers_times(data_file, tmp_path):
         assert sample_cli.main(["--workdir", str(workdir), "--steps", str(steps), "--num", "8",
                                 "--seed", "3", "--out", str(out_n)]) == 0
         assert np.mean(np.load(out_n)["arr_0"] != got) > 0.5
+
+
+
+def test_scd_starts_from_a_flow_teacher_seen_as_trigflow(data_file, teacher_dir, tmp_path):
+    """sCD on the teacher's own parametrisation (flow, velocity): the student starts as the
+    teacher, its loss views it as a TrigFlow model at equal log-SNR, and it samples at the
+    flow times of sCM's TrigFlow times, its consistency function being its x0 prediction."""
+    config = tiny_config(data_file, **{
+        "diffusion.loss": "scm", "distill.teacher": teacher_dir,
+        "distill.init_from_teacher": True, "distill.adaptive_weight": True,
+        "distill.loss_kwargs": ml_collections.ConfigDict(dict(warmup_steps=0)),
+        "model.kwargs.dropout": 0.0, "model.kwargs.class_dropout": 0.0,
+        "optim.warmup_steps": 0})
+    parts = with_teacher(loop.build(config)[0])
+    teacher = load_run(teacher_dir)
+    state = init_state(parts, 0)
+    head = ("logvar_head",)
+    assert_same({k: v for k, v in state.params.items() if (k,) != head}, teacher.params)
+    batch = batch_of(parts)
+    k_loss, _ = jax.random.split(jax.random.fold_in(state.rng, 0))
+    # A shifted teacher, so that sigma_d F- - dx_t/dt (zero at the start) is not.
+    shifted = jax.tree.map(lambda p: p + 0.05, teacher.params)
+    moved = dataclasses.replace(parts, frozen=shifted)
+    _, metrics = make_train_step(moved)(init_state(moved, 0), batch)
+    x0, cond = _x0_cond(batch)
+    velocity = trigflow_velocity(parts.model_fn, Flow(), prediction="velocity")
+
+    @jax.jit
+    def pure(params):
+        raw = lambda p, x_in, t, c: velocity(p, 0.5 * x_in, t, c) / 0.5
+
+        def with_logvar(p, x_in, t, c):
+            v, u = velocity(p, 0.5 * x_in, t, c, return_logvar=True)
+            return v / 0.5, u
+
+        t_v = teacher_velocity(teacher.parts.model_fn, shifted, Flow(), prediction="velocity")
+        per_example, _ = scm_loss(raw, params, x0, cond, k_loss, teacher=t_v, step=0,
+                                  warmup_steps=0, raw_logvar_fn=with_logvar)
+        return jnp.mean(per_example)
+
+    want = float(pure(state.params))
+    assert want > 1e-4  # g is not negligible against its normalisation's c = 0.1
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5)
+    # Sampling: sigma / alpha = 80 at one step, t / (1 - t) on the linear flow.
+    np.testing.assert_allclose(consistency_times(Flow(), 1, scm_sigma_data=0.5), [80 / 81],
+                               rtol=1e-5)
+    two = consistency_times(Flow(), 2, scm_sigma_data=0.5)
+    np.testing.assert_allclose(two[1] / (1 - two[1]), 0.5 * np.tan(1.1), rtol=1e-5)
+    workdir = tmp_path / "scd_flow"
+    train_and_evaluate(set_fields(config, {"train.num_steps": 1}), str(workdir))
+    run = load_run(workdir)
+    out = tmp_path / "s.npz"
+    assert sample_cli.main(["--workdir", str(workdir), "--steps", "1", "--num", "8",
+                            "--seed", "3", "--out", str(out)]) == 0
+    t1 = 80 / 81
+    x_T = t1 * starting_noise(seed=3, num=8, shape=(8, 8, 1))  # sigma(t) z on the flow
+    labels = {"label": jnp.arange(8, dtype=jnp.int32) % 4}
+    v = run.parts.model_fn(run.params, x_T, jnp.full((8,), t1, jnp.float32), labels)
+    want = np.asarray(to_uint8(x_T - t1 * v))  # the flow model's x0 = x_t - t v
+    got = np.load(out)["arr_0"]
+    assert np.abs(got.astype(int) - want).max() <= 1 and np.mean(got == want) > 0.99
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ module docstring gives the command and the paper's settings. From Python,
 - ``fashion_mnist_edm2``: EDM2 (network, loss, schedule, post-hoc EMA) at toy size (CPU).
 - ``fashion_mnist_ct``, ``fashion_mnist_cd``, ``fashion_mnist_scm``: few-step consistency
   models at toy size (CPU), trained from data (iCT, sCT) or distilled from a run
-  (``--config.distill.teacher``: CD, sCD); ``fashion_mnist_pd``: one stage of progressive
+  (``--config.distill.teacher``: CD, sCD); ``fashion_mnist_scd``: sCD starting from the
+  default recipe's run, on its flow parametrisation; ``fashion_mnist_pd``: one stage of progressive
   distillation of a run; ``fashion_mnist_reflow``: rectified-flow reflow of a flow run;
   ``fashion_mnist_dmd2``: a one-step generator distilled from a run by DMD2.
 - ``imagenet512_edm2_{xs,s,m,l,xl,xxl}``: EDM2 on ImageNet-512 latents, the official
@@ -36,6 +37,7 @@ RECIPES = (
     "fashion_mnist_ct",
     "fashion_mnist_cd",
     "fashion_mnist_scm",
+    "fashion_mnist_scd",
     "fashion_mnist_pd",
     "fashion_mnist_reflow",
     "fashion_mnist_dmd2",

@@ -85,42 +85,70 @@ def trigflow_consistency(raw_fn: Callable, sigma_data: float = 0.5) -> Callable:
     return model_fn
 
 
+def trigflow_velocity(
+    model_fn: Callable, process, *, prediction: str, sigma_data: float = 0.5
+) -> Callable:
+    """A diffusion model of any process seen as a TrigFlow model: its PF-ODE velocity ``dx_t/dt``.
+
+    The model is evaluated at the time of equal log-SNR on its own process, on
+    ``x_t`` rescaled to its ``alpha``; its ``(x0, eps)`` give
+    ``dx_t/dt = -sin(t) x0 + sigma_d cos(t) eps`` (TrigFlow's ``sigma_d F(x_t / sigma_d, t)``,
+    Lu & Song 2024, Sec. 3). Exact for every process: TrigFlow and the model's
+    process share ``x0``, ``eps`` and the PF-ODE, only their clocks and scales differ.
+    So the model's consistency function ``cos(t) x_t - sin(t) sigma_d F`` is its own
+    ``x0`` prediction, and an sCM student can start from any teacher's weights.
+
+    Args:
+      model_fn: ``model_fn(params, x_t, t, cond, **kw) -> prediction``, or a tuple whose
+        first entry is the prediction (e.g. with an adaptive-weight head's ``u``).
+      process: the model's process (a :class:`TrigFlow` of the same ``sigma_data``
+        is used as is).
+      prediction: what the model predicts.
+      sigma_data: TrigFlow's ``sigma_d``.
+
+    Returns:
+      ``velocity(params, x_t, t, cond, **kw) -> dx_t/dt`` (a tuple with the model's
+      other outputs after it) with ``[B]`` TrigFlow times.
+    """
+    check_prediction(prediction)
+    trig = TrigFlow(sigma_data)
+
+    def velocity(params, x, t, cond, **kw):
+        if process == trig:
+            t_model, x_model = t, x
+        else:
+            t_model = process.t_from_logsnr(trig.logsnr(t))
+            x_model = bcast(process.alpha(t_model) / trig.alpha(t), x) * x
+        out = model_fn(params, x_model, t_model, cond, **kw)
+        pred, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        x0, eps = to_x0_eps(pred, prediction, x_t=x_model, t=t_model, process=process)
+        tb = bcast(t, x)
+        v = -jnp.sin(tb) * x0 + sigma_data * jnp.cos(tb) * eps
+        return v if rest is None else (v, *rest)
+
+    return velocity
+
+
 def teacher_velocity(
     model_fn: Callable, params, process, *, prediction: str, sigma_data: float = 0.5
 ) -> Callable:
-    """The TrigFlow PF-ODE velocity ``dx_t/dt`` from a diffusion model of any process.
+    """The TrigFlow PF-ODE velocity ``dx_t/dt`` of a frozen teacher of any process.
 
-    The teacher is evaluated at the time of equal log-SNR on its own process,
-    on ``x_t`` rescaled to its ``alpha``; its ``(x0, eps)`` give
-    ``dx_t/dt = -sin(t) x0 + sigma_d cos(t) eps`` (Algorithm 1's
-    ``sigma_d F_pretrain(x_t / sigma_d, t)`` for a TrigFlow teacher).
+    :func:`trigflow_velocity` with the teacher's weights bound: Algorithm 1's
+    ``sigma_d F_pretrain(x_t / sigma_d, t)``.
 
     Args:
       model_fn: the teacher, ``model_fn(params, x_t, t, cond) -> prediction``.
       params: teacher weights.
-      process: the teacher's process (a :class:`TrigFlow` of the same
-        ``sigma_data`` is used as is).
+      process: the teacher's process.
       prediction: what the teacher predicts.
       sigma_data: the student's TrigFlow ``sigma_d``.
 
     Returns:
       ``velocity(x_t, t, cond) -> dx_t/dt`` with ``[B]`` TrigFlow times.
     """
-    check_prediction(prediction)
-    trig = TrigFlow(sigma_data)
-
-    def velocity(x, t, cond):
-        if process == trig:
-            t_teacher, x_teacher = t, x
-        else:
-            t_teacher = process.t_from_logsnr(trig.logsnr(t))
-            x_teacher = bcast(process.alpha(t_teacher) / trig.alpha(t), x) * x
-        pred = model_fn(params, x_teacher, t_teacher, cond)
-        x0, eps = to_x0_eps(pred, prediction, x_t=x_teacher, t=t_teacher, process=process)
-        tb = bcast(t, x)
-        return -jnp.sin(tb) * x0 + sigma_data * jnp.cos(tb) * eps
-
-    return velocity
+    velocity = trigflow_velocity(model_fn, process, prediction=prediction, sigma_data=sigma_data)
+    return lambda x, t, cond: velocity(params, x, t, cond)
 
 
 def scm_tangent(raw_fn: Callable, params, x_t, t, dxdt, cond, sigma_data: float = 0.5):

@@ -12,7 +12,13 @@ from typing import Any
 import flax.linen as nn
 
 from jaxgen.errors import InputError
-from jaxgen.models.autoencoder import VAE_PRESETS, AutoencoderKL, sample_latent, vae
+from jaxgen.models.autoencoder import (
+    VAE_PRESETS,
+    AutoencoderKL,
+    micro_batched,
+    sample_latent,
+    vae,
+)
 from jaxgen.models.checkpoints import export_weights, load_weights
 from jaxgen.models.contract import as_model_fn
 from jaxgen.models.dit import DIT_PATCHES, DIT_SIZES, DiT, DiTBlock, dit
@@ -88,6 +94,7 @@ __all__ = [
     "force_normalize",
     "forward_flops",
     "load_weights",
+    "micro_batched",
     "param_shardings",
     "param_table",
     "sample_latent",

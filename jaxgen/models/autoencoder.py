@@ -34,6 +34,7 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.errors import InputError
-from jaxgen.models.layers import Array, Dtype, conv, dense, group_norm
+from jaxgen.models.layers import Array, Dtype, NearestUpsampleConv, conv, dense, group_norm
 
 LOGVAR_RANGE = (-30.0, 20.0)
 """LDM's clipping of the posterior log-variance."""
@@ -146,8 +147,8 @@ class VAEDecoder(nn.Module):
             for i in range(self.layers_per_block + 1):
                 h = VAEResBlock(self.channels[level], g, name=f"up{level}_res{i}", **kw)(h)
             if level != 0:
-                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-                h = conv(h.shape[-1], ("conv_in", "embed"), name=f"up{level}_up", **kw)(h)
+                h = NearestUpsampleConv(h.shape[-1], ("conv_in", "embed"), name=f"up{level}_up",
+                                        **kw)(h)
         h = nn.silu(_norm(g, "norm_out", **kw)(h))
         return conv(self.out_channels, ("conv_in", "channels"), name="conv_out", **kw)(h)
 
@@ -261,6 +262,41 @@ class AutoencoderKL(nn.Module):
 def sample_latent(key: Array, mean: Array, logvar: Array) -> Array:
     """A draw ``z = mean + exp(logvar / 2) * eps`` from the diagonal Gaussian posterior."""
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+MICRO_BATCH_PIXELS = 128 * 128
+"""Images of at least this many pixels are encoded/decoded one per device at a time.
+
+On the 2-core CPU the SD VAE's large-activation convolutions run faster on
+one image than on a batch (``benchmarks/bench_vae.py``, BENCHMARKS.md): decode
+of 4 at 128x128 +15 %, 2 at 256x256 +9 %; at 64x64 the batch is faster. One
+image at a time also bounds the activations' memory by one image's.
+"""
+
+
+def micro_batched(fn: Callable[[Array], Any], x: Array, *, pixels: int, shards: int = 1) -> Any:
+    """``fn(x)`` for a function that treats the images of a batch independently,
+    computed under ``lax.map`` one image per shard at a time when the images are large.
+
+    Args:
+      fn: ``[b, ...] -> pytree`` of arrays with leading axis ``b`` (an autoencoder's
+        ``encode`` or ``decode``), each output row depending on its input row only.
+      x: ``[B, ...]``, split (if sharded) in ``shards`` contiguous blocks of its batch axis.
+      pixels: pixels of one image at full resolution; below :data:`MICRO_BATCH_PIXELS`
+        (or when ``B`` is not a multiple of ``shards``, or is ``shards``) this is ``fn(x)``.
+      shards: devices the batch axis is split over; each map step takes one row
+        from every block, so no device waits on another's rows.
+
+    Returns:
+      ``fn(x)``, up to float rounding (a convolution over one image sums in
+      another order than over a batch).
+    """
+    b = x.shape[0]
+    if pixels < MICRO_BATCH_PIXELS or b % shards or b == shards:
+        return fn(x)
+    rows = x.reshape(shards, b // shards, *x.shape[1:]).swapaxes(0, 1)  # [B/shards, shards, ...]
+    out = jax.lax.map(fn, rows)
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(b, *y.shape[2:]), out)
 
 
 VAE_PRESETS: dict[str, dict[str, Any]] = {

@@ -96,6 +96,63 @@ def conv(
     )
 
 
+class NearestUpsampleConv(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (zero padding 1).
+
+    The same function and parameters (``kernel [3, 3, in, features]``,
+    ``bias``) as ``nn.Conv`` applied to ``repeat(repeat(x, 2, H), 2, W)``,
+    computed at the input's resolution: every output pixel ``(2i + p, 2j + q)``
+    sees only input rows ``i - 1 + p, i + p`` and columns ``j - 1 + q, j + q``,
+    so each of the four phases ``(p, q)`` is a 2x2 convolution of ``x`` whose
+    taps are sums of the 3x3 kernel's (rows: ``p = 0`` takes ``(w0, w1 + w2)``,
+    ``p = 1`` takes ``(w0 + w1, w2)``; columns alike). 16 instead of 36
+    multiply-adds per output pixel and channel pair, on a quarter of the
+    activations; the outputs differ from the upsample-then-convolve form only
+    by float rounding (the summed taps).
+    """
+
+    features: int
+    axes: tuple[str, str]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = xavier_uniform
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """``[B, H, W, C]`` → ``[B, 2H, 2W, features]``."""
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, ("kernel_h", "kernel_w", *self.axes)),
+            (3, 3, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param("bias", nn.with_logical_partitioning(zeros, self.axes[1:]),
+                          (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        rows = []
+        for row_taps, row_pad in _phase_taps(kernel, 0):
+            cols = [
+                jax.lax.conv_general_dilated(x, taps, (1, 1), (row_pad, col_pad),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                for taps, col_pad in _phase_taps(row_taps, 1)
+            ]
+            rows.append(jnp.stack(cols, axis=3))  # [B, H, W, q, C]
+        y = jnp.stack(rows, axis=2)  # [B, H, p, W, q, C]
+        b, h, _, w, _, c = y.shape
+        return y.reshape(b, 2 * h, 2 * w, c) + bias
+
+
+def _phase_taps(kernel: Array, axis: int) -> tuple[tuple[Array, tuple[int, int]], ...]:
+    """The two 2-tap kernels along ``axis`` of a 3-tap one, with their zero padding.
+
+    Phase 0 reads input offsets (-1, 0) with taps ``(w0, w1 + w2)``; phase 1
+    reads (0, +1) with taps ``(w0 + w1, w2)``.
+    """
+    w0, w1, w2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
+    return ((jnp.stack([w0, w1 + w2], axis), (1, 0)),
+            (jnp.stack([w0 + w1, w2], axis), (0, 1)))
+
+
 def group_norm(
     num_groups: int,
     *,

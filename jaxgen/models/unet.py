@@ -44,6 +44,7 @@ from jaxgen.models.layers import (
     Attention,
     Dtype,
     LabelEmbedder,
+    NearestUpsampleConv,
     TimestepEmbedder,
     conv,
     dense,
@@ -288,11 +289,10 @@ class UNet(nn.Module):
     def _upsample(self, h: Array, emb: Array, train: bool, res: dict, name: str) -> Array:
         if self.resblock_updown:
             return ResBlock(h.shape[-1], resample="up", name=name, **res)(h, emb, train)
-        h = _resample(h, "up")
         if self.conv_resample:
-            h = conv(h.shape[-1], ("conv_in", "embed"), dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=name)(h)
-        return h
+            return NearestUpsampleConv(h.shape[-1], ("conv_in", "embed"), dtype=self.dtype,
+                                       param_dtype=self.param_dtype, name=name)(h)
+        return _resample(h, "up")
 
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {

@@ -34,7 +34,7 @@ SCM_SIGMA_MAX = 80.0
 SCM_T_MID = 1.1
 
 
-def consistency_times(process, steps: int) -> np.ndarray:
+def consistency_times(process, steps: int, *, scm_sigma_data: float | None = None) -> np.ndarray:
     """The ``steps`` times of multistep sampling: the first ``steps`` points of the Karras
     grid of ``steps + 1`` noisy levels (Karras et al. 2022, Eq. 5), i.e. all but ``t_min``,
     where a step would change nothing.
@@ -43,18 +43,29 @@ def consistency_times(process, steps: int) -> np.ndarray:
     On :class:`~jaxgen.diffusion.TrigFlow` (sCM) the paper's times: 1 step
     ``T = arctan(80 / sigma_d)`` (1.5645 for ``sigma_d = 0.5``), 2 steps ``(T, 1.1)``;
     more steps (not given in the paper) take the Karras levels of ``[0.002, 80]`` as
-    TrigFlow times ``arctan(sigma / sigma_d)``.
+    TrigFlow times ``arctan(sigma / sigma_d)``. An sCM trained on another process
+    (``scm_sigma_data``: its TrigFlow ``sigma_d``) samples at the times of that process
+    with the same log-SNR as those TrigFlow times.
     """
     if not isinstance(steps, int | np.integer) or steps < 1:
         raise InputError(f"steps={steps!r}: a consistency model samples in steps >= 1.")
     steps = int(steps)
-    if not isinstance(process, TrigFlow):
+    if isinstance(process, TrigFlow):
+        return _scm_times(process.sigma_data, steps)
+    if scm_sigma_data is None:
         return karras(process, steps + 1)[:steps]
-    t_max = np.arctan(SCM_SIGMA_MAX / process.sigma_data)
+    trig = TrigFlow(scm_sigma_data)
+    ts = process.t_from_logsnr(trig.logsnr(_scm_times(scm_sigma_data, steps)))
+    return np.asarray(ts, np.float64)
+
+
+def _scm_times(sigma_data: float, steps: int) -> np.ndarray:
+    """sCM's sampling times on ``TrigFlow(sigma_data)`` (see :func:`consistency_times`)."""
+    t_max = np.arctan(SCM_SIGMA_MAX / sigma_data)
     if steps <= 2:
         return np.asarray((t_max, SCM_T_MID)[:steps], np.float64)
     sigmas = karras(EDM(sigma_min=0.002, sigma_max=SCM_SIGMA_MAX), steps + 1)[:steps]
-    return np.arctan(sigmas / process.sigma_data)
+    return np.arctan(sigmas / sigma_data)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 5, 9, 10))

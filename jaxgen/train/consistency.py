@@ -13,11 +13,14 @@ distillation.
   Both need ``diffusion.precond = "consistency"`` on ``diffusion.process = "edm"``.
 - ``"scm"`` (Lu & Song 2024, Algorithm 1): continuous-time consistency training
   (sCT, no teacher) or distillation (sCD, ``distill.teacher`` gives the PF-ODE's
-  velocity for the tangent), on ``diffusion.process = precond = "trigflow"``, the
-  tangent by ``jax.jvp`` with warmup and normalisation
-  (:func:`jaxgen.diffusion.scm.scm_loss`), and with ``distill.adaptive_weight`` the
-  learned weighting of a :class:`jaxgen.models.adaptive_weight.AdaptiveWeightModel`
-  head. ``distill.init_from_teacher`` starts the student from a TrigFlow teacher's weights.
+  velocity for the tangent), on ``diffusion.process = precond = "trigflow"`` or on
+  any other process, whose model is then seen as a TrigFlow model at equal log-SNR
+  (:func:`jaxgen.diffusion.scm.trigflow_velocity`); the tangent by ``jax.jvp`` with
+  warmup and normalisation (:func:`jaxgen.diffusion.scm.scm_loss`), and with
+  ``distill.adaptive_weight`` the learned weighting of a
+  :class:`jaxgen.models.adaptive_weight.AdaptiveWeightModel` head.
+  ``distill.init_from_teacher`` starts the student from the teacher's weights (the
+  student then has the teacher's model, process and parametrisation, as pd's).
 - ``"pd"`` (Salimans & Ho 2022, Algorithm 2): one stage of progressive distillation;
   the student starts from the teacher's weights and learns in ``N / 2`` DDIM steps
   what the teacher does in ``N = distill.teacher_steps``; the next stage is a new
@@ -76,7 +79,7 @@ from jaxgen.diffusion.distillation import (
     reflow_loss,
 )
 from jaxgen.diffusion.processes import EDM, Flow
-from jaxgen.diffusion.scm import TrigFlow, scm_loss, teacher_velocity
+from jaxgen.diffusion.scm import TrigFlow, scm_loss, teacher_velocity, trigflow_velocity
 from jaxgen.errors import InputError
 from jaxgen.models.adaptive_weight import AdaptiveWeightModel
 from jaxgen.sampling.consistency import SCM_SIGMA_MAX
@@ -186,10 +189,6 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
             "process go together; set diffusion.process and diffusion.precond both to "
             "'trigflow', or neither."
         )
-    if loss == "scm" and precond != "trigflow":
-        raise InputError(f"diffusion.loss='scm' trains a TrigFlow model (Lu & Song 2024); set "
-                         f"diffusion.process='trigflow' and diffusion.precond='trigflow' (got "
-                         f"precond={precond!r}).")
     teacher = distill.get("teacher")
     if loss in TEACHER_LOSSES and not teacher:
         raise InputError(f"diffusion.loss={loss!r} distils a trained run: give "
@@ -298,7 +297,7 @@ def consistency_loss(config: ml_collections.ConfigDict, process, total_updates: 
         _dry_run(fn, step=jnp.zeros((), jnp.int32))
         return fn
     if loss == "scm":
-        fn = scm_trainer_loss(config, process)
+        fn = scm_trainer_loss(config, process, prediction)
         _dry_run(fn, step=jnp.zeros((), jnp.int32))
         return _teacher_not_loaded if needs_teacher(config) else fn
     identity = lambda params, x, t, cond: x
@@ -318,30 +317,42 @@ def consistency_loss(config: ml_collections.ConfigDict, process, total_updates: 
     return _teacher_not_loaded
 
 
-def scm_trainer_loss(config: ml_collections.ConfigDict, process: TrigFlow,
-                     velocity: Callable | None = None) -> Callable:
-    """sCM's loss (:func:`jaxgen.diffusion.scm.scm_loss`) over the trainer's TrigFlow model.
+def scm_sigma_data(config: ml_collections.ConfigDict, process) -> float:
+    """TrigFlow's ``sigma_d`` of an sCM run: its :class:`TrigFlow`'s, else
+    ``diffusion.sigma_data``."""
+    return process.sigma_data if isinstance(process, TrigFlow) else config.diffusion.sigma_data
 
-    The model (``diffusion.precond = "trigflow"``) returns the velocity
-    ``sigma_d F(x_t / sigma_d, t)``; the loss's ``F(x_in, t)`` is that model at
-    ``x_t = sigma_d x_in``, divided by ``sigma_d``. With ``distill.adaptive_weight`` the
-    student's pass also returns the head's ``u(t)`` (``return_logvar=True``).
+
+def scm_trainer_loss(config: ml_collections.ConfigDict, process, prediction: str,
+                     velocity: Callable | None = None) -> Callable:
+    """sCM's loss (:func:`jaxgen.diffusion.scm.scm_loss`) over the trainer's model.
+
+    On TrigFlow (``diffusion.precond = "trigflow"``) the model returns the velocity
+    ``sigma_d F(x_t / sigma_d, t)``; on any other process it is seen as a TrigFlow
+    model at equal log-SNR (:func:`jaxgen.diffusion.scm.trigflow_velocity`; e.g. the
+    default recipe's flow-matching network, so that sCD starts from such a teacher's
+    weights). The loss's ``F(x_in, t)`` is that velocity at ``x_t = sigma_d x_in``,
+    divided by ``sigma_d``. With ``distill.adaptive_weight`` the student's pass also
+    returns the head's ``u(t)`` (``return_logvar=True``).
 
     Args:
       config: the run's configuration (``distill.loss_kwargs``: ``p_mean``, ``p_std``,
         ``warmup_steps``, ``tangent_c``).
-      process: the run's :class:`TrigFlow`.
+      process: the run's process.
+      prediction: what the run's model predicts.
       velocity: ``velocity(frozen) -> (x_t, t, cond) -> dx_t/dt``, the teacher's PF-ODE
         for sCD (:func:`jaxgen.diffusion.scm.teacher_velocity`); ``None`` for sCT.
 
     Returns:
       ``loss_fn(model_fn, params, x0, cond, key, *, step, frozen=None)``.
     """
-    sd = process.sigma_data
+    sd = scm_sigma_data(config, process)
     kwargs = _loss_kwargs(config, scm_loss)
     adaptive = adaptive_weight(config)
 
     def loss(model_fn, params, x0, cond, key, *, step, frozen=None):
+        if not isinstance(process, TrigFlow):
+            model_fn = trigflow_velocity(model_fn, process, prediction=prediction, sigma_data=sd)
         raw = lambda p, x_in, t, c: model_fn(p, sd * x_in, t, c) / sd
 
         def raw_logvar(p, x_in, t, c):
@@ -614,8 +625,8 @@ def teacher_loss(config: ml_collections.ConfigDict, student, teacher) -> Callabl
     if loss_name == "scm":
         velocity = lambda frozen: teacher_velocity(
             teacher.model_fn, frozen, teacher.process, prediction=teacher.prediction,
-            sigma_data=process.sigma_data)
-        return scm_trainer_loss(config, process, velocity)
+            sigma_data=scm_sigma_data(config, process))
+        return scm_trainer_loss(config, process, student.prediction, velocity)
     if loss_name == "pd":
         n = teacher_steps(config)
         kwargs = _loss_kwargs(config, progressive_loss)

@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 from jaxgen.data.pipeline import to_model_space
 from jaxgen.data.sources.latents import META, LatentSource, weights_identity
 from jaxgen.errors import InputError
-from jaxgen.models import AutoencoderKL, create_model, load_weights, sample_latent
+from jaxgen.models import AutoencoderKL, create_model, load_weights, micro_batched, sample_latent
 from jaxgen.parallel import replicated
 
 
@@ -158,6 +158,8 @@ class LatentSpace:
       variables: its weights (replicated over the run's mesh once loaded).
       scale, shift: float32 ``[c]``.
       unit_range: the VAE's images are in [0, 1] (EDM2), not [-1, 1].
+      shards: devices a batch of latents is split over (large images are decoded
+        one per device at a time, :func:`jaxgen.models.micro_batched`).
     """
 
     vae: AutoencoderKL
@@ -165,6 +167,7 @@ class LatentSpace:
     scale: np.ndarray
     shift: np.ndarray
     unit_range: bool = False
+    shards: int = 1
 
     @functools.cached_property
     def decode(self):
@@ -175,7 +178,9 @@ class LatentSpace:
         scale, shift = jnp.asarray(self.scale), jnp.asarray(self.shift)
 
         def decode(variables, z):
-            y = self.vae.apply(variables, z / scale + shift, method="decode")
+            pixels = z.shape[1] * z.shape[2] * self.vae.factor**2
+            y = micro_batched(lambda u: self.vae.apply(variables, u, method="decode"),
+                              z / scale + shift, pixels=pixels, shards=self.shards)
             return 2 * y - 1 if self.unit_range else y
 
         return decode
@@ -187,7 +192,8 @@ def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSp
     scale, shift = (channel_values(config.latent[k], vae.latent_channels, f"latent.{k}")
                     for k in ("scale", "shift"))
     variables = jax.device_put(load_weights(config.latent.vae, vae), replicated(mesh))
-    return LatentSpace(vae, variables, scale, shift, bool(config.latent.get("unit_range", False)))
+    return LatentSpace(vae, variables, scale, shift, bool(config.latent.get("unit_range", False)),
+                       mesh.size)
 
 
 def sample_latents(moments: jax.Array, key: jax.Array, scale: np.ndarray,

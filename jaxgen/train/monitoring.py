@@ -106,8 +106,10 @@ def sample_images(
         if parts.is_one_step_generator and steps != 1:
             raise InputError(f"steps={steps}: a DMD2 run is a one-step generator G(noise); "
                              "sample it with steps 1 (jaxgen.sample --steps 1).")
-        ts = (sampling.consistency_times(parts.process, steps) if parts.is_consistency
-              else (parts.process.t_max,))
+        scm = parts.config.diffusion.get("loss") == "scm"
+        ts = (sampling.consistency_times(parts.process, steps, scm_sigma_data=(
+                  parts.config.diffusion.sigma_data if scm else None))
+              if parts.is_consistency else (parts.process.t_max,))
         how = dict(sampler=sampling.consistency_sample, prediction=parts.prediction, ts=ts)
     elif parts.config.diffusion.get("loss") == "pd":
         how.update(solver="ddim", solver_options=None,
