@@ -437,6 +437,7 @@ def test_scd_starts_from_a_flow_teacher_seen_as_trigflow(data_file, teacher_dir,
     v = run.parts.model_fn(run.params, x_T, jnp.full((8,), t1, jnp.float32), labels)
     want = np.asarray(to_uint8(x_T - t1 * v))  # the flow model's x0 = x_t - t v
     got = np.load(out)["arr_0"]
+    # Compiled vs eager float32 can round a pixel across a uint8 boundary: at most 1 level.
     assert np.abs(got.astype(int) - want).max() <= 1 and np.mean(got == want) > 0.99
 
 
@@ -530,6 +531,10 @@ def test_scd_teacher_that_does_not_cover_sCMs_noise_levels_is_refused(data_file)
         "distill.target_ema=0.9 is CD's": scm_config(data_file, **{"distill.target_ema": 0.9}),
         "distill.target_ema=1.0": student_config(data_file, teacher="T",
                                                  **{"distill.target_ema": 1.0}),
+        "spans noise levels [0.002, 10]": scm_config(data_file, **{
+            "diffusion.process": "edm", "diffusion.precond": "none",
+            "diffusion.prediction": "x0",
+            "diffusion.process_kwargs": ml_collections.ConfigDict(dict(sigma_max=10.0))}),
         "['nn'] unknown": scm_config(data_file, **{
             "distill.loss_kwargs": ml_collections.ConfigDict(dict(nn=1))}),
     }

@@ -189,6 +189,14 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
             "process go together; set diffusion.process and diffusion.precond both to "
             "'trigflow', or neither."
         )
+    if loss == "scm" and not isinstance(process, TrigFlow):
+        lo, hi = _noise_levels(process)
+        if lo > 0.002 * (1 + 1e-6) or hi < SCM_SIGMA_MAX * (1 - 1e-6):
+            raise InputError(
+                f"diffusion.loss='scm' on {process!r}: it spans noise levels [{lo:.4g}, "
+                f"{hi:.4g}], but sCM samples from sigma / alpha = {SCM_SIGMA_MAX:g} and trains "
+                "down to 0.002; use a wider process (e.g. 'flow') or diffusion.process="
+                "diffusion.precond='trigflow'.")
     teacher = distill.get("teacher")
     if loss in TEACHER_LOSSES and not teacher:
         raise InputError(f"diffusion.loss={loss!r} distils a trained run: give "
