@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = load_run(args.workdir, args.ema)
     parts = run.parts
-    if parts.is_consistency or parts.is_one_step_generator or parts.latent is not None:
+    if parts.is_consistency or parts.is_dmd2_generator or parts.latent is not None:
         kind = ("consistency" if parts.is_consistency else
-                "DMD2 generator" if parts.is_one_step_generator else "latent")
+                "DMD2 generator" if parts.is_dmd2_generator else "latent")
         raise InputError(
             f"{args.workdir}: a {kind} run; bits/dim needs a pixel-space diffusion or flow "
             "model."

@@ -71,8 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--solver", default="euler", help="a jaxgen.sampling.SOLVERS name")
     p.add_argument("--steps", type=int, default=20,
                    help="solver steps; for a consistency model (a CT/CD run), its network "
-                        "evaluations (1, 2, 4, ...), and --solver is not used; 1 for a "
-                        "DMD2 one-step generator")
+                        "evaluations (1, 2, 4, ...), and --solver is not used; for a DMD2 "
+                        "generator, the steps it was trained for (distill.generator_steps)")
     g = p.add_argument_group("guidance and feature caching")
     g.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance weight (default 1: none; CFG++'s lambda)")

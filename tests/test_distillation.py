@@ -217,3 +217,136 @@ def test_dmd2_with_an_affine_generator_matches_the_data_covariance():
     rel = np.linalg.norm(chol @ chol.T - COV) / np.linalg.norm(COV)
     assert rel < 0.05, rel
     np.testing.assert_allclose(gen["m"], MU, atol=0.05)
+
+
+# ---------------------------------------------------------------- DMD2's multi-step generator
+
+
+def test_generator_times_are_dmd2s_uniform_timesteps():
+    # DMD2's DDPM timesteps 999, 749, 499, 249 at 4 steps: uniform in t from t_max.
+    np.testing.assert_array_equal(sampling.generator_times(D.Flow(), 4), [1.0, 0.75, 0.5, 0.25])
+    np.testing.assert_array_equal(sampling.generator_times(D.Flow(), 1), [1.0])
+    np.testing.assert_array_equal(sampling.generator_times(D.VP(), 2), [1.0, 0.5])
+    # EDM's time is sigma: its Karras levels, as the consistency sampler's.
+    np.testing.assert_array_equal(sampling.generator_times(D.EDM(), 2),
+                                  sampling.consistency_times(D.EDM(), 2))
+    for bad in (0, 1.5):
+        with pytest.raises(InputError, match="steps >= 1"):
+            sampling.generator_times(D.Flow(), bad)
+
+
+def _linear_x0(params, x, t, cond):
+    """``x0 = a x + b t``: the output's derivative in ``a`` is the input it was given."""
+    return params["a"] * x + params["b"] * t[:, None]
+
+
+def test_few_step_generator_backward_simulation_is_its_own_sampler_cut_at_a_random_step():
+    process, ts = D.VP(), (1.0, 0.6, 0.3)
+    params = {"a": jnp.asarray(0.7), "b": jnp.asarray(0.2)}
+    gen = T.few_step_generator(_linear_x0, process, prediction="x0", ts=ts)
+    z = jax.random.normal(jax.random.key(0), (600, 2))
+    key = jax.random.key(1)
+    got = gen(params, z, None, key)
+    # By hand, with the documented keys: step n ~ randint(k_step), step m's noise from
+    # fold_in(k_eps, m); the input at ts[n] is n steps of the sampler, forward re-noised.
+    k_step, k_eps = jax.random.split(key)
+    step = np.asarray(jax.random.randint(k_step, (600,), 0, 3))
+    assert sorted(np.unique(step)) == [0, 1, 2] and min(np.bincount(step)) > 150
+    x_in, t_in = [process.sigma(1.0) * z], [1.0]
+    for m in (1, 2):
+        x0 = _linear_x0(params, x_in[-1], jnp.full((600,), t_in[-1]), None)
+        eps = jax.random.normal(jax.random.fold_in(k_eps, m), z.shape)
+        x_in.append(process.alpha(ts[m]) * x0 + process.sigma(ts[m]) * eps)
+        t_in.append(ts[m])
+    want = np.stack([_linear_x0(params, x_in[n], jnp.full((600,), t_in[n]), None)
+                     for n in range(3)])[step, np.arange(600)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # The gradient reaches params through the last evaluation only: d sum(x)/da is the sum
+    # of the inputs it was given, d sum(x)/db of their times (the simulation held fixed).
+    inputs = np.stack(x_in)[step, np.arange(600)]
+    grads = jax.grad(lambda p: jnp.sum(gen(p, z, None, key)))(params)
+    np.testing.assert_allclose(grads["a"], inputs.sum(), rtol=1e-5)
+    np.testing.assert_allclose(grads["b"], 2 * np.asarray(t_in)[step].sum(), rtol=1e-6)
+    # One step: G(z) = x0(sigma(t_max) z, t_max), no key.
+    one = T.few_step_generator(_linear_x0, process, prediction="x0")
+    np.testing.assert_allclose(one(params, z, None), 0.7 * process.sigma(1.0) * z + 0.2,
+                               rtol=1e-6, atol=1e-7)  # float32 cancellation near 0
+    with pytest.raises(InputError, match="needs a key"):
+        gen(params, z, None)
+    with pytest.raises(InputError, match="strictly decreasing"):
+        T.few_step_generator(_linear_x0, process, prediction="x0", ts=(1.0, 1.0))
+
+
+def test_multistep_sampling_of_a_generator_renoises_by_the_forward_process():
+    # VP's t_min > 0: CM's sampler would re-noise from s_min; a generator's output is clean.
+    process, ts, key = D.VP(), (1.0, 0.5), jax.random.key(4)
+    params = {"a": jnp.asarray(0.5), "b": jnp.asarray(-0.1)}
+    got, info = sampling.consistency_sample(_linear_x0, params, process, key, (8, 2), ts=ts,
+                                            prediction="x0", clean_output=True)
+    from jaxgen.sampling.solvers import step_noise
+
+    per_sample = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(8))
+    draw = lambda k: jax.random.normal(jax.random.fold_in(k, 0), (2,))
+    x = _linear_x0(params, process.sigma(1.0) * jax.vmap(draw)(per_sample), jnp.ones(8), None)
+    z = step_noise(jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_sample), 1, x)
+    x = _linear_x0(params, process.alpha(0.5) * x + process.sigma(0.5) * z,
+                   jnp.full((8,), 0.5), None)
+    np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-6)
+    assert info["nfe"] == 2
+    cm, _ = sampling.consistency_sample(_linear_x0, params, process, key, (8, 2), ts=ts,
+                                        prediction="x0")
+    assert np.abs(np.asarray(cm) - np.asarray(got)).max() > 1e-6  # s_min = 1e-3-ish differs
+
+
+def test_two_step_dmd2_with_affine_steps_matches_the_data_covariance():
+    # Each of the two steps an affine map of its input (step 0: of the noise at t = 1;
+    # step 1: of x_t at t = 0.5), trained by DMD2 with backward simulation against the
+    # exact real score. The fake score fits all the generator's training outputs, both
+    # steps' (DMD2's fake score is not told the step), so the distribution-matching
+    # gradient vanishes when their mixture, half of each step's, is the data's: that is
+    # the fixed point, and what is checked. (It does not pin each step alone: with the
+    # fake score in the Gaussian family, step 0 too wide and step 1 too narrow by as much
+    # is a fixed point too; a network's outputs are not that free.)
+    process, ts = D.Flow(), (1.0, 0.5)
+
+    def model_fn(p, x, t, cond):
+        first = (t > 0.75)[:, None]
+        out0 = p["m0"] + x @ jnp.tril(p["L0"]).T
+        out1 = p["m1"] + x @ p["A1"].T
+        return jnp.where(first, out0, out1)
+
+    gen = T.few_step_generator(model_fn, process, prediction="x0", ts=ts)
+    real, fake_fn = GAUSS.denoiser(process), _gaussian_denoiser(process)
+    theta = {"m0": jnp.zeros(2), "L0": jnp.eye(2), "m1": jnp.zeros(2), "A1": jnp.eye(2)}
+    fake = {"m": jnp.zeros(2), "L": jnp.eye(2)}
+    steps = 600
+    opt_g, opt_f = optax.adam(optax.cosine_decay_schedule(1e-2, steps)), optax.adam(2e-2)
+    kw = dict(process=process, prediction="x0")
+
+    def body(carry, key):
+        theta, fake, sg, sf = carry
+        k_z, k_f, k_g, k_sim = jax.random.split(key, 4)
+        noise = jax.random.normal(k_z, (256, 2))
+        generator = lambda p, z, c: gen(p, z, c, k_sim)
+        x = generator(theta, noise, None)
+
+        def fake_step(c, k):
+            fake, sf = c
+            loss = lambda p: jnp.mean(T.fake_score_loss(fake_fn, p, x, None, k, **kw)[0])
+            upd, sf = opt_f.update(jax.grad(loss)(fake), sf)
+            return (optax.apply_updates(fake, upd), sf), None
+
+        (fake, sf), _ = jax.lax.scan(fake_step, (fake, sf), jax.random.split(k_f, 5))
+        loss = lambda p: jnp.mean(T.dmd_loss(generator, p, noise, None, k_g, real_fn=real,
+                                             real_params=None, fake_fn=fake_fn,
+                                             fake_params=fake, **kw)[0])
+        upd, sg = opt_g.update(jax.grad(loss)(theta), sg)
+        return (optax.apply_updates(theta, upd), fake, sg, sf), None
+
+    run = jax.jit(lambda c, k: jax.lax.scan(body, c, jax.random.split(k, steps))[0])
+    theta, *_ = run((theta, fake, opt_g.init(theta), opt_f.init(fake)), jax.random.key(13))
+    x = gen(theta, jax.random.normal(jax.random.key(5), (40000, 2)), None, jax.random.key(6))
+    x = np.asarray(x, np.float64)
+    rel = np.linalg.norm(np.cov(x.T) - COV) / np.linalg.norm(COV)
+    assert rel < 0.05, rel
+    np.testing.assert_allclose(x.mean(0), MU, atol=0.05)

@@ -19,11 +19,12 @@ from test_train_consistency import assert_resume_is_bit_exact, starting_noise
 from train_fixtures import assert_same, batch_of, leaves, setup_of, tiny_config
 
 from jaxgen import sample as sample_cli
+from jaxgen import sampling
 from jaxgen.diffusion import Flow
 from jaxgen.diffusion.distillation import (
     dmd_loss,
     fake_score_loss,
-    one_step_generator,
+    few_step_generator,
     reflow_loss,
 )
 from jaxgen.errors import InputError
@@ -121,7 +122,7 @@ def test_dmd2_two_time_scale_updates_are_the_hand_called_optax_updates(data_file
     for tree in (state0.params, state0.fake_params, *state0.ema.values()):
         assert_same(tree, teacher.params)
     tx, fake_tx = parts.optimizer, parts.fake_optimizer
-    generator = one_step_generator(parts.model_fn, Flow(), prediction="velocity")
+    generator = few_step_generator(parts.model_fn, Flow(), prediction="velocity")
     kept = lambda tree: jax.tree.map(np.array, tree)  # copies: the step donates its state
     s0 = kept(state0)
     step = make_train_step(parts)
@@ -242,14 +243,59 @@ def test_dmd2_resume_is_bit_exact_and_samples_g_of_noise_in_one_step(data_file, 
     run = load_run(workdir)
     labels = {"label": jnp.arange(8, dtype=jnp.int32) % 4}
     noise = starting_noise(seed=3, num=8, shape=(8, 8, 1))
-    x = one_step_generator(run.parts.model_fn, Flow(), prediction="velocity")(run.params, noise,
+    x = few_step_generator(run.parts.model_fn, Flow(), prediction="velocity")(run.params, noise,
                                                                               labels)
     want = np.asarray(to_uint8(x))
     assert np.abs(got.astype(int) - want).max() <= 1  # compiled vs eager rounding
     assert np.mean(got == want) > 0.99
-    with pytest.raises(InputError, match=re.escape("one-step generator")) as e:
+    with pytest.raises(InputError, match=re.escape("a 1-step generator")) as e:
         sample_cli.main(["--workdir", str(workdir), "--steps", "2", "--num", "8",
                          "--out", str(tmp_path / "s2.npz")])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_two_step_dmd2_trains_on_its_backward_simulation_and_samples_in_two_steps(
+        data_file, teacher_dir, tmp_path):
+    config = dmd2_config(data_file, teacher_dir, **{"distill.generator_steps": 2,
+                                                    "eval.steps": 2, "train.num_steps": 2})
+    parts = with_teacher(loop.build(config)[0])
+    state = init_state(parts, 0)
+    s0 = jax.tree.map(np.array, state)
+    batch = batch_of(parts)
+    _, m0 = make_train_step(parts)(state, batch)
+    # Step 0 is the fake score's: its loss on the 2-step generator's backward-simulated
+    # sample (times 1 and 0.5), the simulation keyed by fold_in(k_loss, 3).
+    k_loss, _ = jax.random.split(jax.random.fold_in(s0.rng, 0))
+    k_z, k_fake, _ = jax.random.split(k_loss, 3)
+    x0, cond = _x0_cond(batch)
+    z = jax.random.normal(k_z, x0.shape)
+    fake_of = lambda x: float(jnp.mean(fake_score_loss(
+        parts.model_fn, s0.fake_params, x, cond, k_fake, process=Flow(),
+        prediction="velocity")[0]))
+    two = few_step_generator(parts.model_fn, Flow(), prediction="velocity", ts=(1.0, 0.5))
+    want = fake_of(two(s0.params, z, cond, jax.random.fold_in(k_loss, 3)))
+    np.testing.assert_allclose(float(m0["fake_loss"]), want, rtol=1e-5)
+    one = few_step_generator(parts.model_fn, Flow(), prediction="velocity")
+    assert abs(fake_of(one(s0.params, z, cond)) - want) > 1e-3 * want  # the simulation counts
+
+    workdir = tmp_path / "dmd2"
+    train_and_evaluate(config, str(workdir))  # its in-loop grid samples in 2 steps
+    out = tmp_path / "s.npz"
+    assert sample_cli.main(["--workdir", str(workdir), "--steps", "2", "--num", "8",
+                            "--seed", "3", "--out", str(out)]) == 0
+    got = np.load(out)["arr_0"]
+    run = load_run(workdir)
+    labels = {"label": jnp.arange(8, dtype=jnp.int32) % 4}
+    x, _ = sampling.consistency_sample(
+        run.parts.model_fn, run.params, Flow(), jax.random.key_data(jax.random.key(3)),
+        (8, 8, 8, 1), ts=(1.0, 0.5), cond=labels, prediction="velocity", clean_output=True)
+    want = np.asarray(to_uint8(x))
+    assert np.abs(got.astype(int) - want).max() <= 1  # compiled vs eager rounding
+    assert np.mean(got == want) > 0.99
+    with pytest.raises(InputError, match=re.escape("a 2-step generator")) as e:
+        sample_cli.main(["--workdir", str(workdir), "--steps", "1", "--num", "8",
+                         "--out", str(tmp_path / "s1.npz")])
     assert "\n" not in str(e.value)
 
 
@@ -265,6 +311,10 @@ def test_reflow_and_dmd2_options_that_contradict_are_refused(data_file):
                                                  **{"distill.solver": "euler_maruyama"}),
         "distill.fake_updates=0": dmd2_config(data_file, "T", **{"distill.fake_updates": 0}),
         "eval.steps=2": dmd2_config(data_file, "T", **{"eval.steps": 2}),
+        "distill.generator_steps=0": dmd2_config(data_file, "T", **{
+            "distill.generator_steps": 0, "eval.steps": 0}),
+        "distill.generator_steps=2 is a DMD2": reflow_config(data_file, "T", **{
+            "distill.generator_steps": 2}),
         "diffusion.prediction='eps'": dmd2_config(data_file, "T",
                                                   **{"diffusion.prediction": "eps"}),
         "distill.real_guidance=2.0 guides": reflow_config(data_file, "T",
@@ -298,7 +348,7 @@ def test_a_teacher_of_another_shape_or_process_is_refused_before_anything_is_wri
         assert "\n" not in str(e.value) and not workdir.exists()
     # A DMD2 run is no teacher (it has no score); guidance needs a teacher with classes.
     student = setup_of(dmd2_config(data_file, teacher_dir))
-    with pytest.raises(InputError, match="a DMD2 one-step generator"):
+    with pytest.raises(InputError, match="a DMD2 generator"):
         check_teacher(student, student, "T")
     teacher = load_run(teacher_dir)
     unconditional = teacher._replace(parts=dataclasses.replace(

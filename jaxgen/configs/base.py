@@ -74,8 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     # | scm: continuous-time consistency (Lu & Song 2024; process and precond trigflow), from
     # data or distill.teacher | pd: progressive distillation of distill.teacher (Salimans & Ho)
     # | reflow: rectified-flow reflow of distill.teacher (Liu et al. 2023, Alg. 1; process
-    # flow) | dmd2: a one-step generator distilled from distill.teacher by distribution
-    # matching with a fake score (Yin et al. 2024, no GAN term); sampled with --steps 1
+    # flow) | dmd2: a one- or few-step generator distilled from distill.teacher by distribution
+    # matching with a fake score (Yin et al. 2024, no GAN term); sampled with --steps
+    # distill.generator_steps
     c.diffusion.loss = "denoising"
     # "" | vlb: a learn_sigma model's variance channels trained by IDDPM's L_vlb added to the
     # denoising loss (jaxgen.diffusion.vlb; discrete VP, time_sampler discrete, precond none)
@@ -93,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill.teacher_steps = 0
     c.distill.fake_updates = 5  # dmd2: fake-score updates per generator update (DMD2's TTUR)
     c.distill.real_guidance = 1.0  # dmd2: CFG weight on the teacher's (real) score (1: none)
+    c.distill.generator_steps = 1  # dmd2: the generator's sampling steps (eval.steps too)
     c.distill.adaptive_weight = True  # scm: learn sCM's adaptive weight w(t) (a logvar head)
     c.distill.init_from_teacher = False  # scm: start from a TrigFlow teacher's weights
     # Arguments of jaxgen.diffusion.consistency.ict_loss (s0, s1, rho, p_mean, p_std,

@@ -1,4 +1,4 @@
-"""DMD2 of a Fashion-MNIST flow run into a one-step generator.
+"""DMD2 of a Fashion-MNIST flow run into a one- or few-step generator.
 
 "Improved Distribution Matching Distillation for Fast Image Synthesis" (Yin et
 al., NeurIPS 2024) without its GAN term (not built here) and, as DMD2, without
@@ -7,9 +7,14 @@ starting from the teacher's weights (its first EMA, or ``distill.teacher_weights
 the student's network, process and prediction must match the teacher's run):
 
 - the generator ``G(z) = x0(sigma(t_max) z, t_max)``, the student network read at
-  pure noise (:func:`jaxgen.diffusion.distillation.one_step_generator`), trained by
+  pure noise (:func:`jaxgen.diffusion.distillation.few_step_generator`), trained by
   the distribution-matching gradient (Yin et al. 2023, Eqs. 7-8): the difference of
-  the fake and the real scores' ``x0`` at ``G(z)`` re-noised to a uniform ``t``;
+  the fake and the real scores' ``x0`` at ``G(z)`` re-noised to a uniform ``t``.
+  With ``--config.distill.generator_steps=N`` (``eval.steps`` follows it) it is
+  DMD2's ``N``-step generator (Sec. 4.4): its own ``x0`` at the times ``t = 1,
+  1 - 1/N, ...`` (:func:`jaxgen.sampling.generator_times`), re-noised between them,
+  trained at a step drawn per example on inputs made by its own sampler (backward
+  simulation);
 - the real score, the frozen teacher (``distill.real_guidance``: classifier-free
   guidance on it, 1 = none, which needs a teacher trained with label dropout);
 - the fake score, which denoises the generator's samples (Eq. 6), kept in the
@@ -30,8 +35,8 @@ teacher::
         --config.distill.teacher=runs/fm --config.train.minutes=20
     python -m jaxgen.sample --workdir runs/dmd2 --steps 1 --num 1000 --out runs/dmd2/1step.npz
 
-The run samples only in one step (``--steps 1``; ``--solver`` is not used; the in-loop
-grids and FIDs likewise). A resumed run loads the teacher again from the folder its
+The run samples in its ``N`` steps only (``--steps N``; ``--solver`` is not used; the
+in-loop grids and FIDs likewise). A resumed run loads the teacher again from the folder its
 config names. From the README's 10-minute teacher, 12 idle CPU minutes give a
 one-step FID of 75.4 against the teacher's 199.4 at one Euler step (BENCHMARKS.md,
 "Few-step students"). Built on :mod:`jaxgen.configs._fashion_mnist` with the
@@ -54,5 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill.fake_updates = 5
     c.distill.real_guidance = 1.0
     c.optim.lr = 1e-4
-    c.eval.steps = 1  # G(noise): one evaluation (eval.solver is not used)
+    c.distill.generator_steps = 1  # --config.distill.generator_steps=2: DMD2's 2-step generator
+    # the generator's evaluations (eval.solver is not used), following generator_steps
+    c.eval.steps = c.distill.get_ref("generator_steps")
     return c

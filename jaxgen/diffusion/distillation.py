@@ -10,7 +10,7 @@ network) is named in each docstring.
   pairs joined by the teacher's ODE (:func:`jaxgen.sampling.teacher.reflow_pairs`),
   which straightens the flow.
 - DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation"): a
-  one-step generator trained with the distribution-matching gradient of DMD
+  one- or few-step generator trained with the distribution-matching gradient of DMD
   (Yin et al. 2023, Eqs. 7-8), the difference of a frozen real score and a
   fake score that tracks the generator's samples by denoising (Eq. 6),
   without DMD's regression loss; the GAN term of DMD2 is not included.
@@ -234,7 +234,8 @@ def dmd_loss(
     generator (initialised from the teacher).
 
     Args:
-      generator_fn: ``generator_fn(params, noise, cond) -> x`` (e.g. :func:`one_step_generator`).
+      generator_fn: ``generator_fn(params, noise, cond) -> x`` (e.g. :func:`few_step_generator`
+        with its key bound).
       params: generator parameters.
       noise: standard normal ``[B, ...]``.
       cond: conditioning pytree with leading axis ``B``, or ``None``.
@@ -297,21 +298,61 @@ def fake_score_loss(
     return per_example, {"loss": jnp.mean(per_example)}
 
 
-def one_step_generator(model_fn: Callable, process, *, prediction: str) -> Callable:
-    """A diffusion model as a one-step generator: its ``x0`` estimate at ``t_max`` (DMD2).
+def few_step_generator(model_fn: Callable, process, *, prediction: str,
+                       ts=None) -> Callable:
+    """A diffusion model as DMD2's generator of ``N = len(ts)`` steps (Yin et al. 2024, Sec. 4.4).
 
-    ``G(noise) = x0(sigma(t_max) noise, t_max)``, the architecture and weights
-    a DMD2 generator starts from. Needs an ``x0``, ``v`` or ``velocity`` model
-    where ``alpha(t_max) = 0``.
+    Sampling: ``x <- x0(sigma(ts[0]) z, ts[0])``, then for each later time
+    ``x <- x0(alpha(t) x + sigma(t) eps, t)`` with fresh ``eps``: its own ``x0`` estimate at
+    each time, re-noised by the forward process between them (DMD2's multi-step sampler:
+    ``ts`` = DDPM timesteps 999, 749, 499, 249 at 4 steps; see
+    :func:`jaxgen.sampling.generator_times`). ``N = 1`` (the default ``ts = (t_max,)``):
+    ``G(z) = x0(sigma(t_max) z, t_max)``, the architecture and weights a DMD2 generator
+    starts from.
+
+    For ``N > 1`` a call is one training sample by DMD2's *backward simulation*: each
+    example draws a step ``n`` uniform in ``{0, ..., N-1}``; its input at ``ts[n]`` is made
+    by ``n`` steps of the generator's own sampler from ``z`` with the current weights held
+    fixed (``stop_gradient``), and the output is the generator's ``x0`` at that input: the
+    gradient reaches ``params`` through this last evaluation only, as the paper's
+    ``no_grad`` simulation. The keys: ``k_step, k_eps = split(key)``;
+    ``n ~ randint(k_step, [B], 0, N)``; step ``m``'s fresh noise ``eps_m ~
+    normal(fold_in(k_eps, m), x.shape)``. DMD2 shares one ``n`` across the batch; drawing
+    it per example leaves each example's distribution, and so the expected gradient,
+    unchanged. The simulation costs ``N - 1`` forward passes of the batch.
+
+    Needs an ``x0``, ``v`` or ``velocity`` model where ``alpha(ts[0]) = 0``.
 
     Returns:
-      ``generator_fn(params, noise, cond) -> x``.
+      ``generator_fn(params, noise, cond, key=None) -> x``; ``key`` is needed when ``N > 1``.
     """
     check_prediction(prediction)
+    ts = (float(process.t_max),) if ts is None else tuple(float(t) for t in ts)
+    if not ts or np.any(np.diff(ts) >= 0):
+        raise InputError(f"ts={ts}: a generator's times are one or more, strictly decreasing.")
 
-    def generator_fn(params, noise, cond):
-        t = jnp.full((noise.shape[0],), process.t_max, noise.dtype)
-        x_t = process.sigma(t[0]) * noise
+    def x0_at(params, x_t, t, cond):
         return _x0_eps(model_fn, params, x_t, t, cond, prediction, process)[0]
+
+    def generator_fn(params, noise, cond, key=None):
+        b = noise.shape[0]
+        x_t = process.sigma(ts[0]) * noise
+        t = jnp.full((b,), ts[0], noise.dtype)
+        if len(ts) == 1:
+            return x0_at(params, x_t, t, cond)
+        if key is None:
+            raise InputError(f"a {len(ts)}-step generator's training sample needs a key "
+                             "(its backward simulation draws a step and noise).")
+        k_step, k_eps = jax.random.split(key)
+        step = jax.random.randint(k_step, (b,), 0, len(ts))
+        fixed = jax.lax.stop_gradient(params)
+        x_in, t_in, x = x_t, t, x_t
+        for m in range(1, len(ts)):  # a handful of steps: unrolled
+            x0 = x0_at(fixed, x, jnp.full((b,), ts[m - 1], noise.dtype), cond)
+            eps = jax.random.normal(jax.random.fold_in(k_eps, m), x.shape, x.dtype)
+            x = process.alpha(ts[m]) * x0 + process.sigma(ts[m]) * eps
+            x_in = jnp.where(bcast(step == m, x), x, x_in)
+            t_in = jnp.where(step == m, ts[m], t_in)
+        return x0_at(params, jax.lax.stop_gradient(x_in), t_in, cond)
 
     return generator_fn

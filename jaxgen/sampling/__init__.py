@@ -1,6 +1,6 @@
 """Sampling: solvers as small pure functions, time grids, guidance, one jitted driver."""
 
-from jaxgen.sampling.consistency import consistency_sample, consistency_times
+from jaxgen.sampling.consistency import consistency_sample, consistency_times, generator_times
 from jaxgen.sampling.driver import SOLVERS, SolverSpec, generate, sample, to_uint8
 from jaxgen.sampling.grids import (
     GRIDS,
@@ -43,6 +43,7 @@ __all__ = [
     "dpmpp_3m",
     "euler_maruyama",
     "generate",
+    "generator_times",
     "iddpm",
     "karras",
     "leading",

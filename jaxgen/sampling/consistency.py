@@ -7,6 +7,10 @@ level the consistency function's output carries (Algorithm 1's
 ``sqrt(tau^2 - eps^2)`` on EDM; 0 on TrigFlow, whose boundary is ``t = 0``,
 giving sCM's ``cos(tau) x + sin(tau) z`` with ``z ~ N(0, sigma_d^2)``).
 A model of another prediction (sCM's TrigFlow velocity) is read as its ``x0``.
+
+A DMD2 generator of several steps samples the same way on its own times
+(:func:`generator_times`) with clean outputs (``s_min = 0``): DMD2's re-noising by the
+forward process.
 """
 
 from __future__ import annotations
@@ -68,8 +72,24 @@ def _scm_times(sigma_data: float, steps: int) -> np.ndarray:
     return np.arctan(sigmas / sigma_data)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 5, 9, 10))
-def _run(model_fn, params, process, key, ids, shape, ts, x_T, cond, mesh, prediction):
+def generator_times(process, steps: int) -> np.ndarray:
+    """The ``steps`` times of a DMD2 generator (Yin et al. 2024, Sec. 4.4): uniform in the
+    process's time from ``t_max``, ``t_max (1 - n / steps)`` for ``n < steps``, as DMD2's
+    DDPM timesteps 999, 749, 499, 249 at 4 steps. On the flow: 1 step ``(1,)``, 2
+    ``(1, 0.5)``, 4 ``(1, 0.75, 0.5, 0.25)``. On EDM, whose time is ``sigma`` (uniform
+    in it would leave ``sigma = 40`` as the second step's), the Karras levels of
+    :func:`consistency_times`.
+    """
+    if not isinstance(steps, int | np.integer) or steps < 1:
+        raise InputError(f"steps={steps!r}: a DMD2 generator samples in steps >= 1.")
+    if isinstance(process, EDM):
+        return consistency_times(process, int(steps))
+    return process.t_max * (1.0 - np.arange(int(steps), dtype=np.float64) / int(steps))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 5, 9, 10, 11))
+def _run(model_fn, params, process, key, ids, shape, ts, x_T, cond, mesh, prediction,
+         clean_output):
     per_sample = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
     init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(per_sample)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_sample)
@@ -81,7 +101,7 @@ def _run(model_fn, params, process, key, ids, shape, ts, x_T, cond, mesh, predic
         x_T, step_keys = shard(x_T), shard(step_keys)
         cond = jax.tree.map(shard, cond)
     t_min = jnp.asarray(process.t_min, ts.dtype)
-    s_min = process.sigma(t_min) / process.alpha(t_min)
+    s_min = 0.0 if clean_output else process.sigma(t_min) / process.alpha(t_min)
 
     def f(x, t):
         t = jnp.full((shape[0],), t)
@@ -110,6 +130,7 @@ def consistency_sample(
     mesh: Mesh | None = None,
     first_index: int = 0,
     prediction: str = "x0",
+    clean_output: bool = False,
 ) -> tuple[jax.Array, dict]:
     """Draw samples with a consistency function in ``len(ts)`` evaluations.
 
@@ -133,6 +154,8 @@ def consistency_sample(
       first_index: index of the first sample of this batch within the run.
       prediction: what ``model_fn`` returns; its ``x0`` is the consistency function
         (``"velocity"`` for sCM's TrigFlow model: ``cos(t) x_t - sin(t) v``).
+      clean_output: the function's output carries no noise (a DMD2 generator): re-noise
+        by the forward process, ``alpha(tau) x + sigma(tau) z``, not from ``s_min``.
 
     Returns:
       ``(x0, {"nfe": len(ts), "timesteps": ts})``.
@@ -159,6 +182,6 @@ def consistency_sample(
     ids = first_index + jnp.arange(rows)
     ts_in = jnp.asarray(ts, jnp.result_type(float))
     x = _run(model_fn, params, process, key, ids, (rows, *shape[1:]), ts_in, x_T, cond, mesh,
-             prediction)
+             prediction, bool(clean_output))
     return x[:batch], {"nfe": int(ts.size), "timesteps": ts.copy()}
 

@@ -35,9 +35,11 @@ distillation.
   pairs drawn afresh at every step instead of from a stored set; the batch's images
   are not used. The student samples with the ordinary solvers, in few steps.
 - ``"dmd2"`` (Yin et al. 2024, "Improved Distribution Matching Distillation",
-  without its GAN term, which is not built): a one-step generator
-  ``G(z) = x0(sigma(t_max) z, t_max)``
-  (:func:`jaxgen.diffusion.distillation.one_step_generator` over the student network)
+  without its GAN term, which is not built): a generator of
+  ``N = distill.generator_steps`` steps, ``G(z) = x0(sigma(t_max) z, t_max)`` at one
+  step, DMD2's multi-step generator with backward simulation at several
+  (:func:`jaxgen.diffusion.distillation.few_step_generator` over the student network,
+  on the times :func:`jaxgen.sampling.generator_times`)
   trained by the distribution-matching gradient (Yin et al. 2023, Eqs. 7-8;
   :func:`~jaxgen.diffusion.distillation.dmd_loss`) between the frozen teacher (the
   real score, optionally with classifier-free guidance ``distill.real_guidance``)
@@ -47,7 +49,7 @@ distillation.
   :attr:`jaxgen.train.TrainState.fake_params` and ``.fake_opt_state`` (checkpointed).
   Two time-scale update (DMD2's TTUR): every step updates the fake score, and every
   ``distill.fake_updates``-th the generator too (see :func:`generator_turn`). The
-  run samples as ``G(noise)``: ``jaxgen.sample --steps 1``.
+  run samples in its ``N`` steps: ``jaxgen.sample --steps N``.
 
 The teacher's weights reach the loss as the step's frozen argument (never
 checkpointed: a resumed run loads them again from the folder its config names).
@@ -73,7 +75,7 @@ from jaxgen.diffusion.consistency import cd_loss, ict_loss
 from jaxgen.diffusion.distillation import (
     dmd_loss,
     fake_score_loss,
-    one_step_generator,
+    few_step_generator,
     progressive_loss,
     progressive_times,
     reflow_loss,
@@ -82,7 +84,7 @@ from jaxgen.diffusion.processes import EDM, Flow
 from jaxgen.diffusion.scm import TrigFlow, scm_loss, teacher_velocity, trigflow_velocity
 from jaxgen.errors import InputError
 from jaxgen.models.adaptive_weight import AdaptiveWeightModel
-from jaxgen.sampling.consistency import SCM_SIGMA_MAX
+from jaxgen.sampling.consistency import SCM_SIGMA_MAX, generator_times
 from jaxgen.sampling.teacher import reflow_pairs, solver_step
 
 CONSISTENCY_LOSSES = ("ict", "cd")  # on precond "consistency"
@@ -123,6 +125,14 @@ def fake_updates(config: ml_collections.ConfigDict) -> int | None:
     if config.diffusion.get("loss") != "dmd2":
         return None
     return _distill(config).get("fake_updates", 5)
+
+
+def generator_steps(config: ml_collections.ConfigDict) -> int | None:
+    """``distill.generator_steps`` of a DMD2 run: the generator's sampling steps ``N``
+    (1: DMD2's one-step generator); ``None`` for other losses."""
+    if config.diffusion.get("loss") != "dmd2":
+        return None
+    return _distill(config).get("generator_steps", 1)
 
 
 def real_guidance(config: ml_collections.ConfigDict) -> float:
@@ -166,7 +176,8 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
     ``distill.teacher`` is set for ``cd``, ``pd``, ``reflow`` and ``dmd2`` (optional for
     ``scm``); ``pd`` has an even ``distill.teacher_steps >= 2``; ``reflow`` runs on
     ``diffusion.process = "flow"`` with ``distill.teacher_steps >= 1``; ``dmd2`` has
-    ``distill.fake_updates >= 1`` and a generator that can read ``x0`` at ``t_max``;
+    ``distill.fake_updates >= 1``, ``distill.generator_steps >= 1`` and a generator that
+    can read ``x0`` at ``t_max``;
     ``distill.target_ema`` in [0, 1) and only for ``cd``; ``distill.real_guidance``
     finite and only for ``dmd2``.
     """
@@ -221,6 +232,9 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
                          "in that many distill.solver steps per pair; give an int >= 1, e.g. 8.")
     if loss == "dmd2":
         _check_dmd2(config, process)
+    elif distill.get("generator_steps", 1) != 1:
+        raise InputError(f"distill.generator_steps={distill.get('generator_steps')!r} is a DMD2 "
+                         f"generator's steps; diffusion.loss={loss!r} has none: drop it.")
     w = distill.get("real_guidance", 1.0)
     if not (isinstance(w, int | float) and np.isfinite(w)):
         raise InputError(f"distill.real_guidance={w!r}: give a finite guidance weight (1: none).")
@@ -237,16 +251,22 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
 
 
 def _check_dmd2(config: ml_collections.ConfigDict, process) -> None:
-    """``distill.fake_updates`` an int >= 1; a generator ``x0(sigma(t_max) z, t_max)`` that
-    its prediction can give (not ``eps`` or ``score`` where ``alpha(t_max) = 0``); the
-    in-loop samples in ``eval.steps = 1`` (refused now rather than at the first evaluation)."""
+    """``distill.fake_updates`` and ``distill.generator_steps`` ints >= 1; a generator
+    ``x0(sigma(t_max) z, t_max)`` that its prediction can give (not ``eps`` or ``score``
+    where ``alpha(t_max) = 0``); the in-loop samples in ``eval.steps =
+    distill.generator_steps`` (refused now rather than at the first evaluation)."""
     n = _distill(config).get("fake_updates", 5)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"distill.fake_updates={n!r}: give the fake-score updates per "
                          "generator update, an int >= 1 (DMD2 uses 5).")
-    if config.eval.get("steps") != 1:
-        raise InputError(f"eval.steps={config.eval.get('steps')!r}: a DMD2 run is a one-step "
-                         "generator; set eval.steps=1.")
+    steps = _distill(config).get("generator_steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"distill.generator_steps={steps!r}: give the DMD2 generator's "
+                         "sampling steps, an int >= 1 (1: a one-step generator).")
+    if config.eval.get("steps") != steps:
+        raise InputError(f"eval.steps={config.eval.get('steps')!r}: this DMD2 run is a "
+                         f"{steps}-step generator (distill.generator_steps={steps}); set "
+                         f"eval.steps={steps}.")
     prediction = config.diffusion.prediction
     alpha = float(process.alpha(jnp.asarray(process.t_max, jnp.float32)))
     if config.diffusion.precond == "none" and prediction in ("eps", "score") and alpha == 0:
@@ -417,8 +437,11 @@ def dmd2_trainer_loss(config: ml_collections.ConfigDict, process, prediction: st
     ``params`` and the fake score ``fake_params``.
 
     ``key`` splits into ``(k_z, k_fake, k_gen)``; ``z ~ N(0, I)`` from ``k_z`` and
-    ``x = G(z)``, ``G`` = :func:`jaxgen.diffusion.distillation.one_step_generator` of the
-    student. The value is ``mean fake_score_loss(fake_params; stopgrad x)`` (Eq. 6, with
+    ``x = G(z)``, ``G`` = :func:`jaxgen.diffusion.distillation.few_step_generator` of the
+    student on the ``distill.generator_steps`` times of
+    :func:`jaxgen.sampling.generator_times` (at several steps, its backward simulation
+    keyed by ``fold_in(key, 3)``; the fake score and the DMD gradient see the same ``x``).
+    The value is ``mean fake_score_loss(fake_params; stopgrad x)`` (Eq. 6, with
     ``k_fake``) plus, when ``generator_step``, ``mean dmd_loss(params)`` (Eqs. 7-8, with
     ``k_gen``), whose fake score is held fixed: the gradient of the sum in
     ``(params, fake_params)`` is each network's own. The real score is the teacher, with
@@ -441,6 +464,7 @@ def dmd2_trainer_loss(config: ml_collections.ConfigDict, process, prediction: st
     """
     kwargs = _loss_kwargs(config, dmd_loss)
     w = real_guidance(config)
+    ts = generator_times(process, generator_steps(config) or 1)
 
     def real_fn(params, x_t, t, cond):
         out = teacher_fn(params, x_t, t, cond)
@@ -452,7 +476,9 @@ def dmd2_trainer_loss(config: ml_collections.ConfigDict, process, prediction: st
     def loss(model_fn, params, x0, cond, key, *, frozen, fake_params, generator_step=True):
         k_z, k_fake, k_gen = jax.random.split(key, 3)
         z = jax.random.normal(k_z, x0.shape, x0.dtype)
-        generator = one_step_generator(model_fn, process, prediction=prediction)
+        sample = few_step_generator(model_fn, process, prediction=prediction, ts=ts)
+        k_sim = jax.random.fold_in(key, 3)
+        generator = lambda p, noise, c: sample(p, noise, c, k_sim)
         fake, _ = fake_score_loss(model_fn, fake_params, generator(params, z, cond), cond, k_fake,
                                   process=process, prediction=prediction, **kwargs)
         value = jnp.mean(fake)
@@ -536,9 +562,9 @@ def check_teacher(teacher, student, where: str) -> None:
     if teacher.is_consistency:
         raise InputError(f"distill.teacher={where}: a consistency model; distil a diffusion or "
                          "flow model (its PF-ODE is the teacher).")
-    if teacher.is_one_step_generator:
-        raise InputError(f"distill.teacher={where}: a DMD2 one-step generator (no score or "
-                         "PF-ODE); distil a diffusion or flow model.")
+    if teacher.is_dmd2_generator:
+        raise InputError(f"distill.teacher={where}: a DMD2 generator (no score or PF-ODE)"
+                         "; distil a diffusion or flow model.")
     if tuple(teacher.image_shape) != tuple(student.image_shape):
         data = teacher.config.data
         raise InputError(

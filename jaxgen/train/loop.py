@@ -23,7 +23,13 @@ from jaxgen.models import count_params
 from jaxgen.parallel import initialize_distributed, make_mesh
 from jaxgen.train import latent, repa
 from jaxgen.train.checkpoint import Checkpointer
-from jaxgen.train.consistency import fake_updates, needs_teacher, teacher_steps, with_teacher
+from jaxgen.train.consistency import (
+    fake_updates,
+    generator_steps,
+    needs_teacher,
+    teacher_steps,
+    with_teacher,
+)
 from jaxgen.train.monitoring import (
     fid_of_samples,
     image_grid,
@@ -273,7 +279,8 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
                "reflow": f"{teacher_steps(config)} {d.solver} steps of its ODE from fresh noise "
                          "per pair, the student starting from its weights",
                "dmd2": f"its score as DMD2's real score, {fake_updates(config)} fake-score "
-                       "updates per generator update, both starting from its weights",
+                       "updates per generator update, both starting from its weights, a "
+                       f"{generator_steps(config)}-step generator",
                }[config.diffusion.loss]
         lines.append(f"distill: teacher {d.teacher} (weights "
                      f"{d.teacher_weights or 'its default'}), {how}")
@@ -292,8 +299,8 @@ def _eval_sampler(parts: RunParts) -> str:
     """The sampler the run's evaluations use (see :func:`sample_images`)."""
     if parts.is_consistency:
         return "consistency sampler"
-    if parts.is_one_step_generator:
-        return "one-step generator"
+    if parts.is_dmd2_generator:
+        return "DMD2 generator"
     return "ddim" if parts.config.diffusion.get("loss") == "pd" else parts.config.eval.solver
 
 

@@ -23,6 +23,7 @@ from jaxgen.metrics import GaussianStats, frechet_distance, save_stats
 from jaxgen.metrics.eval_parts import iterate_eval
 from jaxgen.metrics.evaluate import EvalInput, FeatureRequest, featurize
 from jaxgen.metrics.features import FeatureExtractor
+from jaxgen.train.consistency import generator_steps
 from jaxgen.train.state import RunParts
 
 
@@ -66,9 +67,11 @@ def sample_images(
         progressive-distillation student (``diffusion.loss = "pd"``) ignores it too and
         samples with deterministic DDIM on the times it was distilled for
         (:func:`jaxgen.diffusion.distillation.progressive_times`), as Salimans & Ho (2022);
-        a DMD2 generator (:attr:`RunParts.is_one_step_generator`) ignores it and takes
-        ``steps = 1``: ``G(z) = x0(sigma(t_max) z, t_max)`` with ``z`` the noise
-        :func:`jaxgen.sampling.consistency_sample` draws for sample ``i``.
+        a DMD2 generator (:attr:`RunParts.is_dmd2_generator`) ignores it and takes its
+        ``distill.generator_steps`` steps on :func:`jaxgen.sampling.generator_times`,
+        sampled by :func:`jaxgen.sampling.consistency_sample` with forward re-noising
+        (one step: ``G(z) = x0(sigma(t_max) z, t_max)`` with ``z`` the noise it draws for
+        sample ``i``).
       cfg_scale: classifier-free guidance weight (1: none); needs a
         class-conditional model trained with label dropout.
       solver_options: solver-specific keywords.
@@ -95,7 +98,7 @@ def sample_images(
         guidance = sampling.Guidance(cfg_scale, uncond=uncond, **options)
     how = dict(prediction=parts.prediction, solver=solver, steps=steps, guidance=guidance,
                solver_options=solver_options, cache_interval=cache_interval)
-    if parts.is_consistency or parts.is_one_step_generator:
+    if parts.is_consistency or parts.is_dmd2_generator:
         # Algorithm 1 of Song et al. (2023): NFE = steps, no solver; a DMD2 generator is
         # its first evaluation, at t_max.
         what = "a consistency model" if parts.is_consistency else "a DMD2 generator"
@@ -103,14 +106,17 @@ def sample_images(
             raise InputError(f"cfg_scale={cfg_scale}, guidance {options}, cache_interval="
                              f"{cache_interval}: {what} samples without guidance or feature "
                              "caching; use cfg_scale 1, no options, no cache.")
-        if parts.is_one_step_generator and steps != 1:
-            raise InputError(f"steps={steps}: a DMD2 run is a one-step generator G(noise); "
-                             "sample it with steps 1 (jaxgen.sample --steps 1).")
+        trained = generator_steps(parts.config)
+        if parts.is_dmd2_generator and steps != trained:
+            raise InputError(f"steps={steps}: this DMD2 run is a {trained}-step generator "
+                             f"(distill.generator_steps={trained}); sample it with steps "
+                             f"{trained} (jaxgen.sample --steps {trained}).")
         scm = parts.config.diffusion.get("loss") == "scm"
         ts = (sampling.consistency_times(parts.process, steps, scm_sigma_data=(
                   parts.config.diffusion.sigma_data if scm else None))
-              if parts.is_consistency else (parts.process.t_max,))
-        how = dict(sampler=sampling.consistency_sample, prediction=parts.prediction, ts=ts)
+              if parts.is_consistency else sampling.generator_times(parts.process, steps))
+        how = dict(sampler=sampling.consistency_sample, prediction=parts.prediction, ts=ts,
+                   clean_output=parts.is_dmd2_generator)
     elif parts.config.diffusion.get("loss") == "pd":
         how.update(solver="ddim", solver_options=None,
                    grid=progressive_times(parts.process, steps))

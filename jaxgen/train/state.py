@@ -334,10 +334,11 @@ class RunParts:
                 or self.config.diffusion.get("loss") == "scm")
 
     @property
-    def is_one_step_generator(self) -> bool:
-        """Whether the model is a DMD2 one-step generator (``diffusion.loss = "dmd2"``):
-        sampled as ``G(z) = x0(sigma(t_max) z, t_max)``, one evaluation
-        (:func:`jaxgen.diffusion.distillation.one_step_generator`)."""
+    def is_dmd2_generator(self) -> bool:
+        """Whether the model is a DMD2 generator (``diffusion.loss = "dmd2"``): sampled in
+        its ``distill.generator_steps`` evaluations on :func:`jaxgen.sampling.generator_times`
+        (:func:`jaxgen.diffusion.distillation.few_step_generator`; one step:
+        ``G(z) = x0(sigma(t_max) z, t_max)``)."""
         return self.config.diffusion.get("loss") == "dmd2"
 
     @property
