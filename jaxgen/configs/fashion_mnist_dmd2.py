@@ -40,8 +40,9 @@ in-loop grids and FIDs likewise). A resumed run loads the teacher again from the
 config names. From the README's 10-minute teacher, 12 idle CPU minutes give a
 one-step FID of 75.4 against the teacher's 199.4 at one Euler step, and 20 minutes
 of the 2-step generator (``--config.distill.generator_steps=2``) a 2-step FID of 48.7,
-below the teacher's 49.7 at four Euler steps (BENCHMARKS.md, "Few-step students"). Built on :mod:`jaxgen.configs._fashion_mnist` with the
-default recipe's U-Net (:func:`jaxgen.configs._fashion_mnist.unet_kwargs`).
+below the teacher's 49.7 at four Euler steps (BENCHMARKS.md, "Few-step students").
+Built on :mod:`jaxgen.configs._fashion_mnist` with the default recipe's U-Net
+(:func:`jaxgen.configs._fashion_mnist.unet_kwargs`).
 """
 
 import ml_collections
