@@ -458,3 +458,45 @@ def test_trigflow_is_a_process_the_sampling_driver_runs():
                              solver="heun", steps=12)
     np.testing.assert_allclose(np.mean(out, 0), MU, atol=4 * np.sqrt(S.max() / 20000))
     np.testing.assert_allclose(np.var(out, 0), S, rtol=4 * np.sqrt(2 / 20000))
+
+
+# -------------------------------------------------------- any model as a consistency function
+
+
+def _raw(params, x_in, c_noise, cond):
+    """A raw network ``F(c_in x, c_noise)``: smooth, non-linear, of both arguments."""
+    return jnp.tanh(params * x_in) + 0.3 * c_noise[:, None]
+
+
+def test_consistency_view_of_an_edm_denoiser_is_the_papers_parametrisation_of_its_network():
+    # CM starts CD from EDM's weights: f = c_skip x + c_out F of the denoiser's own F.
+    denoiser = D.edm_precond(_raw, EDM, 0.5)
+    view = C.consistency_view(denoiser, EDM, prediction="x0", sigma_min=0.002)
+    want = C.consistency_precond(_raw, EDM, sigma_data=0.5)
+    x = jax.random.normal(jax.random.key(0), (6, 2)) * 3.0
+    sigma = jnp.asarray([0.002, 0.01, 0.3, 2.5, 20.0, 80.0])
+    np.testing.assert_allclose(view(1.3, x, sigma, None), want(1.3, x, sigma, None),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_consistency_view_of_a_flow_model_is_the_float64_transcription():
+    # A velocity model v(x_t, t) on the linear flow, seen at equal log-SNR:
+    # t = sigma / (1 + sigma), x_t = x / (1 + sigma), D = x_t - t v; then Eq. 5 of CM on
+    # the F of D = c_skip^E x + c_out^E F.
+    flow = D.Flow()
+    velocity = lambda p, x_t, t, c: jnp.sin(p * x_t) - 0.7 * t[:, None] * x_t
+    view = C.consistency_view(velocity, flow, prediction="velocity", sigma_min=0.002)
+    x = np.asarray(jax.random.normal(jax.random.key(1), (5, 3)), np.float64) * 2.0
+    sigma = np.asarray([0.002, 0.05, 1.0, 7.0, 80.0])
+    got = np.asarray(view(0.9, jnp.asarray(x, jnp.float32), jnp.asarray(sigma, jnp.float32),
+                          None), np.float64)
+    s, sd, eps = sigma[:, None], 0.5, 0.002
+    t = s / (1 + s)
+    x_t = x / (1 + s)
+    d = x_t - t * (np.sin(0.9 * x_t) - 0.7 * t * x_t)
+    f_edm = (d - sd**2 / (s**2 + sd**2) * x) / (s * sd / np.sqrt(s**2 + sd**2))
+    want = sd**2 / ((s - eps) ** 2 + sd**2) * x + sd * (s - eps) / np.sqrt(s**2 + sd**2) * f_edm
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # The boundary holds bit for bit, whatever the model.
+    x32 = jnp.asarray(x, jnp.float32)
+    assert np.array_equal(view(0.9, x32, jnp.full((5,), 0.002), None), x32)

@@ -22,7 +22,7 @@ from train_fixtures import assert_same, batch_of, leaves, set_fields, setup_of, 
 
 from jaxgen import sample as sample_cli
 from jaxgen.diffusion import EDM, Flow, TrigFlow
-from jaxgen.diffusion.consistency import cd_loss, ict_loss, ict_num_scales
+from jaxgen.diffusion.consistency import cd_loss, consistency_view, ict_loss, ict_num_scales
 from jaxgen.diffusion.distillation import progressive_loss, progressive_times
 from jaxgen.diffusion.scm import scm_loss, teacher_velocity, trigflow_velocity
 from jaxgen.errors import InputError
@@ -439,6 +439,67 @@ def test_scd_starts_from_a_flow_teacher_seen_as_trigflow(data_file, teacher_dir,
     got = np.load(out)["arr_0"]
     # Compiled vs eager float32 can round a pixel across a uint8 boundary: at most 1 level.
     assert np.abs(got.astype(int) - want).max() <= 1 and np.mean(got == want) > 0.99
+
+
+def test_cd_starts_from_a_flow_teacher_seen_as_a_consistency_function(data_file, teacher_dir,
+                                                                      tmp_path):
+    """CD on the teacher's own parametrisation (flow, velocity): the student starts as the
+    teacher, the loss sees it as CM's c_skip x + c_out F of the F of its x0 at equal
+    log-SNR, on [0.002, 80], and it samples there by CM's Algorithm 1."""
+    config = tiny_config(data_file, **{
+        "diffusion.loss": "cd", "distill.teacher": teacher_dir,
+        "distill.init_from_teacher": True, "distill.solver": "heun",
+        "distill.target_ema": 0.95,
+        "distill.loss_kwargs": ml_collections.ConfigDict(dict(num_scales=18)),
+        "model.kwargs.dropout": 0.0, "model.kwargs.class_dropout": 0.0,
+        "optim.warmup_steps": 0})
+    parts = with_teacher(loop.build(config)[0])
+    teacher = load_run(teacher_dir)
+    state = init_state(parts, 0)
+    assert_same(state.params, teacher.params)
+    batch = batch_of(parts)
+    # A shifted teacher, so that its ODE step moves off the student's trajectory.
+    shifted = jax.tree.map(lambda p: p + 0.05, teacher.params)
+    moved = dataclasses.replace(parts, frozen=shifted)
+    _, metrics = make_train_step(moved)(init_state(moved, 0), batch)
+    k_loss, _ = jax.random.split(jax.random.fold_in(state.rng, 0))
+    x0, cond = _x0_cond(batch)
+    f = consistency_view(parts.model_fn, Flow(), prediction="velocity", sigma_min=0.002)
+
+    @jax.jit
+    def pure(teacher_params):
+        step = solver_step(teacher.parts.model_fn, teacher_params, Flow(),
+                           prediction="velocity", solver="heun")
+        per_example, _ = cd_loss(f, state.params, x0, cond, k_loss, teacher_step=step,
+                                 target_params=state.params, process=EDM(), num_scales=18)
+        return jnp.mean(per_example)
+
+    want = float(pure(shifted))
+    assert want > 1e-4
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5)
+    workdir = tmp_path / "cd_flow"
+    train_and_evaluate(set_fields(config, {"train.num_steps": 1}), str(workdir))
+    run = load_run(workdir)
+    out = tmp_path / "s.npz"
+    assert sample_cli.main(["--workdir", str(workdir), "--steps", "1", "--num", "8",
+                            "--seed", "3", "--out", str(out)]) == 0
+    x_T = 80.0 * starting_noise(seed=3, num=8, shape=(8, 8, 1))  # EDM's sigma_max z
+    labels = {"label": jnp.arange(8, dtype=jnp.int32) % 4}
+    view = consistency_view(run.parts.model_fn, Flow(), prediction="velocity")
+    want = np.asarray(to_uint8(view(run.params, x_T, jnp.full((8,), 80.0), labels)))
+    got = np.load(out)["arr_0"]
+    # Compiled vs eager float32 can round a pixel across a uint8 boundary: at most 1 level.
+    assert np.abs(got.astype(int) - want).max() <= 1 and np.mean(got == want) > 0.99
+    bad = {
+        "spans noise levels [": set_fields(config, {
+            "diffusion.process": "vp", "diffusion.process_kwargs": ml_collections.ConfigDict()}),
+        "init_from_teacher is for": student_config(data_file, teacher="T", **{
+            "distill.init_from_teacher": True}),
+    }
+    for word, bad_config in bad.items():
+        with pytest.raises(InputError, match=re.escape(word)) as e:
+            setup_of(bad_config)
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.slow

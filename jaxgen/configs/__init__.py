@@ -12,10 +12,11 @@ module docstring gives the command and the paper's settings. From Python,
 - ``fashion_mnist_edm2``: EDM2 (network, loss, schedule, post-hoc EMA) at toy size (CPU).
 - ``fashion_mnist_ct``, ``fashion_mnist_cd``, ``fashion_mnist_scm``: few-step consistency
   models at toy size (CPU), trained from data (iCT, sCT) or distilled from a run
-  (``--config.distill.teacher``: CD, sCD); ``fashion_mnist_scd``: sCD starting from the
-  default recipe's run, on its flow parametrisation; ``fashion_mnist_pd``: one stage of progressive
+  (``--config.distill.teacher``: CD, sCD); ``fashion_mnist_scd`` and
+  ``fashion_mnist_cd_from_teacher``: sCD and CD starting from the default recipe's run,
+  on its flow parametrisation; ``fashion_mnist_pd``: one stage of progressive
   distillation of a run; ``fashion_mnist_reflow``: rectified-flow reflow of a flow run;
-  ``fashion_mnist_dmd2``: a one-step generator distilled from a run by DMD2.
+  ``fashion_mnist_dmd2``: a one- or few-step generator distilled from a run by DMD2.
 - ``imagenet512_edm2_{xs,s,m,l,xl,xxl}``: EDM2 on ImageNet-512 latents, the official
   presets (shared settings in ``_edm2``); ``imagenet64_edm2_s``: EDM2-S on ImageNet-64 pixels.
 - ``imagenet256_dit_xl2``, ``imagenet256_sit_xl2``: DiT-XL/2 and SiT-XL/2 on ImageNet-256
@@ -36,6 +37,7 @@ RECIPES = (
     "fashion_mnist_edm2",
     "fashion_mnist_ct",
     "fashion_mnist_cd",
+    "fashion_mnist_cd_from_teacher",
     "fashion_mnist_scm",
     "fashion_mnist_scd",
     "fashion_mnist_pd",

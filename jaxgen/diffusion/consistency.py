@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.diffusion.losses import DISTANCES, resolve_option
-from jaxgen.diffusion.predictions import bcast
+from jaxgen.diffusion.predictions import bcast, check_prediction, to_x0_eps
 from jaxgen.diffusion.processes import EDM
 from jaxgen.errors import InputError
 
@@ -82,6 +82,52 @@ def consistency_precond(raw_fn: Callable, process, *, sigma_data: float = 0.5) -
         return c_skip * x_scaled + c_out * raw_fn(*leading, c_in * x_scaled, c_noise, cond)
 
     return model_fn
+
+
+def consistency_view(model_fn: Callable, process, *, prediction: str, sigma_min: float = 0.002,
+                     sigma_data: float = 0.5) -> Callable:
+    """A diffusion model of any process seen as a consistency function on :class:`EDM`.
+
+    The model's ``x0`` at noise level ``sigma`` (evaluated at the time of equal log-SNR
+    on its own process, on ``alpha x``) is EDM's denoiser ``D(x, sigma) = c_skip^E x +
+    c_out^E F_E`` of some raw network ``F_E`` (EDM, Table 1: ``c_skip^E = sd^2 /
+    (sigma^2 + sd^2)``, ``c_out^E = sigma sd / sqrt(sigma^2 + sd^2)``). This returns
+    :func:`consistency_precond`'s function of that same ``F_E`` (Song et al. 2023,
+    Eq. 5 and App. C)::
+
+        f(x, sigma) = c_skip(sigma) x + c_out(sigma) (D(x, sigma) - c_skip^E x) / c_out^E
+
+    which is how the paper starts CD from an EDM teacher's weights, written for any
+    model. ``f(x, sigma_min) = x`` bit for bit (``c_skip = 1``, ``c_out = 0``); away from
+    it ``f - D = -(sigma_min / sigma) (D - c_skip^E x)`` to first order in
+    ``sigma_min / sigma`` (``8e-4`` of it at ``sigma = 2.5``), so a student built on a
+    teacher's weights starts as the teacher's denoiser.
+
+    Args:
+      model_fn: ``model_fn(params, x_t, t, cond) -> prediction`` on ``process``.
+      process: the model's process; it must reach the levels the caller evaluates.
+      prediction: what the model predicts.
+      sigma_min: the consistency boundary (0.002 in the paper).
+      sigma_data: the data's standard deviation ``sd``.
+
+    Returns:
+      ``f(params, x, sigma, cond) -> x0`` with ``[B]`` EDM noise levels ``sigma``.
+    """
+    check_prediction(prediction)
+    sd2 = sigma_data**2
+
+    def f(params, x, sigma, cond):
+        t = process.t_from_logsnr(-2.0 * jnp.log(sigma))
+        x_t = bcast(process.alpha(t), x) * x
+        d = to_x0_eps(model_fn(params, x_t, t, cond), prediction, x_t=x_t, t=t,
+                      process=process)[0]
+        s = bcast(sigma, x)
+        c_skip = sd2 / ((s - sigma_min) ** 2 + sd2)
+        c_out = sigma_data * (s - sigma_min) / jnp.sqrt(s * s + sd2)
+        f_edm = (d - sd2 / (s * s + sd2) * x) / (s * sigma_data / jnp.sqrt(s * s + sd2))
+        return c_skip * x + c_out * f_edm
+
+    return f
 
 
 def karras_sigmas(n, sigma_min: float, sigma_max: float, rho: float = 7.0, size: int | None = None):

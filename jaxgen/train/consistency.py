@@ -71,7 +71,7 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from jaxgen.diffusion.consistency import cd_loss, ict_loss
+from jaxgen.diffusion.consistency import cd_loss, consistency_view, ict_loss
 from jaxgen.diffusion.distillation import (
     dmd_loss,
     fake_score_loss,
@@ -154,11 +154,41 @@ def needs_teacher(config: ml_collections.ConfigDict) -> bool:
 
 
 def starts_from_teacher(config: ml_collections.ConfigDict) -> bool:
-    """Whether the student's weights start as the teacher's (pd, reflow, dmd2; scm with
-    ``distill.init_from_teacher``)."""
+    """Whether the student's weights start as the teacher's (pd, reflow, dmd2; scm and cd
+    with ``distill.init_from_teacher``)."""
     loss = config.diffusion.get("loss")
     return loss in FROM_TEACHER_LOSSES or (
-        loss == "scm" and bool(_distill(config).get("init_from_teacher")))
+        loss in ("scm", "cd") and bool(_distill(config).get("init_from_teacher")))
+
+
+def cd_view(config: ml_collections.ConfigDict) -> bool:
+    """Whether a CD run's student is a model of another parametrisation seen as a
+    consistency function (:func:`jaxgen.diffusion.consistency.consistency_view`):
+    ``diffusion.loss = "cd"`` without ``diffusion.precond = "consistency"``, e.g. the
+    teacher's own network, process and prediction, so that it starts from its weights."""
+    return config.diffusion.get("loss") == "cd" and config.diffusion.precond != "consistency"
+
+
+def cd_levels(config: ml_collections.ConfigDict, process) -> EDM:
+    """The :class:`EDM` process of a CD run's discretisation and sampler: the run's own
+    (``precond = "consistency"``), else the paper's ``[0.002, 80]`` with
+    ``diffusion.sigma_data`` (:func:`cd_view`)."""
+    if not cd_view(config):
+        return process
+    return EDM(sigma_min=0.002, sigma_max=SCM_SIGMA_MAX,
+               sigma_data=float(config.diffusion.get("sigma_data", 0.5)))
+
+
+def consistency_function(config: ml_collections.ConfigDict, process, prediction: str,
+                         model_fn: Callable) -> Callable:
+    """A CD run's consistency function on :func:`cd_levels`: ``model_fn`` itself, or
+    under :func:`cd_view` its :func:`~jaxgen.diffusion.consistency.consistency_view`
+    (boundary 0.002)."""
+    if not cd_view(config):
+        return model_fn
+    levels = cd_levels(config, process)
+    return consistency_view(model_fn, process, prediction=prediction,
+                            sigma_min=levels.sigma_min, sigma_data=levels.sigma_data)
 
 
 def wrap_few_step_model(config: ml_collections.ConfigDict, module: nn.Module) -> nn.Module:
@@ -184,12 +214,13 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
     loss = config.diffusion.get("loss", "denoising")
     precond = config.diffusion.precond
     distill = _distill(config)
-    if (precond == "consistency") != (loss in CONSISTENCY_LOSSES):
+    if (precond == "consistency") != (loss in CONSISTENCY_LOSSES) and not cd_view(config):
         raise InputError(
             f"diffusion.precond={precond!r} with diffusion.loss={loss!r}: a consistency model "
-            "has precond='consistency' and loss='ict' or 'cd', both or neither."
+            "has precond='consistency' and loss='ict' or 'cd', both or neither (or loss='cd' "
+            "on another parametrisation, the model seen as a consistency function)."
         )
-    if loss in CONSISTENCY_LOSSES and not isinstance(process, EDM):
+    if precond == "consistency" and not isinstance(process, EDM):
         raise InputError(
             f"diffusion.loss={loss!r} runs on diffusion.process='edm' (its sigma_min and "
             f"sigma_max bound the consistency function); got {process!r}."
@@ -200,14 +231,15 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
             "process go together; set diffusion.process and diffusion.precond both to "
             "'trigflow', or neither."
         )
-    if loss == "scm" and not isinstance(process, TrigFlow):
+    if (loss == "scm" and not isinstance(process, TrigFlow)) or cd_view(config):
         lo, hi = _noise_levels(process)
         if lo > 0.002 * (1 + 1e-6) or hi < SCM_SIGMA_MAX * (1 - 1e-6):
+            fix = ("diffusion.process=diffusion.precond='trigflow'" if loss == "scm" else
+                   "diffusion.process='edm' with diffusion.precond='consistency'")
             raise InputError(
-                f"diffusion.loss='scm' on {process!r}: it spans noise levels [{lo:.4g}, "
-                f"{hi:.4g}], but sCM samples from sigma / alpha = {SCM_SIGMA_MAX:g} and trains "
-                "down to 0.002; use a wider process (e.g. 'flow') or diffusion.process="
-                "diffusion.precond='trigflow'.")
+                f"diffusion.loss={loss!r} on {process!r}: it spans noise levels [{lo:.4g}, "
+                f"{hi:.4g}], but the student samples from sigma / alpha = {SCM_SIGMA_MAX:g} and "
+                f"trains down to 0.002; use a wider process (e.g. 'flow') or {fix}.")
     teacher = distill.get("teacher")
     if loss in TEACHER_LOSSES and not teacher:
         raise InputError(f"diffusion.loss={loss!r} distils a trained run: give "
@@ -216,8 +248,9 @@ def check_consistency(config: ml_collections.ConfigDict, process) -> None:
         raise InputError(f"distill.teacher={teacher!r} is read only by diffusion.loss 'cd', "
                          f"'scm', 'pd', 'reflow' or 'dmd2' (this run's loss is {loss!r}); drop "
                          "it or set the loss.")
-    if distill.get("init_from_teacher") and not (loss == "scm" and teacher):
-        raise InputError("distill.init_from_teacher is for diffusion.loss='scm' with "
+    if distill.get("init_from_teacher") and not (teacher and (loss == "scm" or cd_view(config))):
+        raise InputError("distill.init_from_teacher is for diffusion.loss='scm', or 'cd' on the "
+                         "teacher's parametrisation (not precond='consistency'), with "
                          "distill.teacher set (pd, reflow and dmd2 always start from their "
                          "teacher); drop it.")
     steps = distill.get("teacher_steps")
@@ -330,8 +363,11 @@ def consistency_loss(config: ml_collections.ConfigDict, process, total_updates: 
         return _teacher_not_loaded if needs_teacher(config) else fn
     identity = lambda params, x, t, cond: x
     if loss == "cd":
-        _dry_run(functools.partial(cd_loss, teacher_step=lambda x, s_from, s_to, cond: x,
-                                   process=process, **_loss_kwargs(config, cd_loss)))
+        view = lambda model_fn, *a, **k: cd_loss(
+            consistency_function(config, process, prediction, model_fn), *a, **k)
+        _dry_run(functools.partial(view, teacher_step=lambda x, s_from, s_to, cond: x,
+                                   process=cd_levels(config, process),
+                                   **_loss_kwargs(config, cd_loss)))
     elif loss == "reflow":
         _dry_run(reflow_trainer_loss(config, process, prediction, identity), frozen=None)
     elif loss == "dmd2":
@@ -682,9 +718,12 @@ def teacher_loss(config: ml_collections.ConfigDict, student, teacher) -> Callabl
 
     teacher_step(None)  # checks the solver (known, deterministic) now
 
+    levels = cd_levels(config, process)
+
     def cd(model_fn, params, x0, cond, key, *, frozen, target_params=None):
-        return cd_loss(model_fn, params, x0, cond, key, teacher_step=teacher_step(frozen),
-                       target_params=target_params, process=process, **kwargs)
+        f = consistency_function(config, process, student.prediction, model_fn)
+        return cd_loss(f, params, x0, cond, key, teacher_step=teacher_step(frozen),
+                       target_params=target_params, process=levels, **kwargs)
 
     return cd
 

@@ -23,7 +23,7 @@ from jaxgen.metrics import GaussianStats, frechet_distance, save_stats
 from jaxgen.metrics.eval_parts import iterate_eval
 from jaxgen.metrics.evaluate import EvalInput, FeatureRequest, featurize
 from jaxgen.metrics.features import FeatureExtractor
-from jaxgen.train.consistency import generator_steps
+from jaxgen.train.consistency import cd_levels, cd_view, generator_steps
 from jaxgen.train.state import RunParts
 
 
@@ -96,11 +96,12 @@ def sample_images(
     if unconditional or options.get("pag_scale", 0.0):
         uncond = parts.null_cond if unconditional else None
         guidance = sampling.Guidance(cfg_scale, uncond=uncond, **options)
+    model_fn, process = parts.model_fn, parts.process
     how = dict(prediction=parts.prediction, solver=solver, steps=steps, guidance=guidance,
                solver_options=solver_options, cache_interval=cache_interval)
     if parts.is_consistency or parts.is_dmd2_generator:
-        # Algorithm 1 of Song et al. (2023): NFE = steps, no solver; a DMD2 generator is
-        # its first evaluation, at t_max.
+        # Algorithm 1 of Song et al. (2023): NFE = steps, no solver; a DMD2 generator
+        # the same on its own times, re-noised by the forward process.
         what = "a consistency model" if parts.is_consistency else "a DMD2 generator"
         if guidance is not None or cache_interval is not None:
             raise InputError(f"cfg_scale={cfg_scale}, guidance {options}, cache_interval="
@@ -112,10 +113,13 @@ def sample_images(
                              f"(distill.generator_steps={trained}); sample it with steps "
                              f"{trained} (jaxgen.sample --steps {trained}).")
         scm = parts.config.diffusion.get("loss") == "scm"
-        ts = (sampling.consistency_times(parts.process, steps, scm_sigma_data=(
+        if cd_view(parts.config):  # the model seen as a consistency function on EDM
+            model_fn, process = parts.consistency_fn, cd_levels(parts.config, parts.process)
+        ts = (sampling.consistency_times(process, steps, scm_sigma_data=(
                   parts.config.diffusion.sigma_data if scm else None))
-              if parts.is_consistency else sampling.generator_times(parts.process, steps))
-        how = dict(sampler=sampling.consistency_sample, prediction=parts.prediction, ts=ts,
+              if parts.is_consistency else sampling.generator_times(process, steps))
+        how = dict(sampler=sampling.consistency_sample, ts=ts,
+                   prediction="x0" if cd_view(parts.config) else parts.prediction,
                    clean_output=parts.is_dmd2_generator)
     elif parts.config.diffusion.get("loss") == "pd":
         how.update(solver="ddim", solver_options=None,
@@ -126,7 +130,7 @@ def sample_images(
     latent = parts.latent
     decode = {} if latent is None else dict(decode=latent.decode, decode_params=latent.variables)
     return sampling.generate(
-        parts.model_fn, params, parts.process, key, parts.image_shape,
+        model_fn, params, process, key, parts.image_shape,
         num=num, batch_size=batch_size, cond=labels, mesh=parts.mesh, **how, **decode,
     )
 

@@ -45,6 +45,7 @@ from jaxgen.train import repa
 from jaxgen.train.consistency import (
     FEW_STEP_LOSSES,
     check_consistency,
+    consistency_function,
     consistency_loss,
     fake_updates,
     generator_terms_on_turn,
@@ -328,10 +329,18 @@ class RunParts:
     @property
     def is_consistency(self) -> bool:
         """Whether the model is a consistency function (``diffusion.precond = "consistency"``,
-        or an sCM, ``diffusion.loss = "scm"``): sampled in ``steps`` evaluations by
-        :func:`jaxgen.sampling.consistency_sample`."""
+        an sCM, ``diffusion.loss = "scm"``, or a CD student of any parametrisation): sampled
+        in ``steps`` evaluations by :func:`jaxgen.sampling.consistency_sample`."""
         return (self.config.diffusion.precond == "consistency"
-                or self.config.diffusion.get("loss") == "scm")
+                or self.config.diffusion.get("loss") in ("scm", "cd"))
+
+    @functools.cached_property
+    def consistency_fn(self) -> Callable:
+        """A consistency model's function ``f(params, x, t, cond) -> x0`` as its sampler
+        takes it, one object per run: :attr:`model_fn`, or for CD on another
+        parametrisation (:func:`jaxgen.train.consistency.cd_view`) the model seen as a
+        consistency function on the levels :func:`jaxgen.train.consistency.cd_levels`."""
+        return consistency_function(self.config, self.process, self.prediction, self.model_fn)
 
     @property
     def is_dmd2_generator(self) -> bool:
