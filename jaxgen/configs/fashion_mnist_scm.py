@@ -5,15 +5,18 @@ Song, ICLR 2025), Algorithm 1, on :mod:`jaxgen.configs.fashion_mnist_ct`'s U-Net
 (0.72M parameters, class-conditional, no dropout: a consistency model samples
 without guidance). What is kept from the paper: TrigFlow (``x_t = cos(t) x0 +
 sin(t) z``, ``sigma_d = 0.5``) with the model ``sigma_d F(x_t / sigma_d, c_noise(t))``
+and the paper's identity time transformation ``c_noise(t) = t`` into the U-Net's
+positional embedding (Sec. 4.1: the tangent carries ``dF/dt``, which an embedding of
+``1000 t`` multiplies by up to 1000; with it this recipe's sCT grew its raw tangent
+norm from 9 to ~2,000 and failed, FID 322 at one step, where ``c_noise = t`` keeps it
+at 7-10 and reaches 153: BENCHMARKS.md, "Few-step students")
 and the consistency function ``cos(t) x_t - sin(t) sigma_d F``; times
 ``t = arctan(e^tau / sigma_d)``, ``tau ~ N(-1.0, 1.4^2)``; the tangent
 ``dF-/dt`` by ``jax.jvp``, its normalisation ``g / (||g|| + 0.1)`` and its linear
 warmup; the learned adaptive weight ``w(t)`` (a logvar head on the time embedding,
 zero at the start); samples from the EMA at the paper's times (1 step:
 ``T = arctan(80 / 0.5)``; 2 steps: ``(T, 1.1)``). What is scaled down: batch 32, the
-tangent warmup over 1,000 updates (the paper: 10,000), Adam at 2e-4 and
-``c_noise = 1000 t`` (the DDPM step-index embedding the U-Net has; the paper's
-identity ``c_noise(t) = t`` with positional embeddings is the same up to that scale).
+tangent warmup over 1,000 updates (the paper: 10,000) and Adam at 2e-4.
 
 sCT (no teacher)::
 
@@ -46,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.process_kwargs = ml_collections.ConfigDict()
     c.diffusion.precond = "trigflow"
     c.diffusion.prediction = "velocity"  # the TrigFlow model's dx_t/dt = sigma_d F
-    c.diffusion.time_scale = 1000.0  # c_noise = 1000 t
+    c.diffusion.time_scale = 1.0  # c_noise(t) = t (Lu & Song 2024, Sec. 4.1), not 1000 t
     c.diffusion.loss = "scm"
     c.distill.adaptive_weight = True
     c.distill.loss_kwargs = ml_collections.ConfigDict(dict(
