@@ -180,15 +180,12 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference():
 
 
 @pytest.mark.slow
-def test_dmd2_with_an_affine_generator_matches_the_data_covariance():
-    process = D.Flow()
-    real = GAUSS.denoiser(process)
-    fake_fn = _gaussian_denoiser(process)
-    generator = lambda p, z, c: p["m"] + z @ jnp.tril(p["L"]).T
-    gen = {"m": jnp.zeros(2), "L": jnp.eye(2)}
-    fake = {"m": jnp.zeros(2), "L": jnp.eye(2)}  # starts as the generator's distribution
-    steps = 600
-    # DMD2's two time-scale rule: several fake-score updates per generator update (5 here).
+def _train_dmd2(generator, gen, process, steps: int = 600):
+    """``steps`` DMD2 updates of ``generator(params, z, cond, key)`` against the exact real
+    score of :data:`GAUSS`, the fake score in the Gaussian family (starting at N(0, I)),
+    with DMD2's two time-scale rule: 5 fake-score updates per generator update."""
+    real, fake_fn = GAUSS.denoiser(process), _gaussian_denoiser(process)
+    fake = {"m": jnp.zeros(2), "L": jnp.eye(2)}
     opt_g, opt_f = optax.adam(optax.cosine_decay_schedule(1e-2, steps)), optax.adam(2e-2)
     kw = dict(process=process, prediction="x0")
 
@@ -196,7 +193,8 @@ def test_dmd2_with_an_affine_generator_matches_the_data_covariance():
         gen, fake, sg, sf = carry
         k_z, k_f, k_g = jax.random.split(key, 3)
         noise = jax.random.normal(k_z, (256, 2))
-        x = generator(gen, noise, None)
+        bound = lambda p, z, c: generator(p, z, c, jax.random.fold_in(key, 3))
+        x = bound(gen, noise, None)
 
         def fake_step(c, k):
             fake, sf = c
@@ -205,14 +203,20 @@ def test_dmd2_with_an_affine_generator_matches_the_data_covariance():
             return (optax.apply_updates(fake, upd), sf), None
 
         (fake, sf), _ = jax.lax.scan(fake_step, (fake, sf), jax.random.split(k_f, 5))
-        loss = lambda p: jnp.mean(T.dmd_loss(generator, p, noise, None, k_g, real_fn=real,
+        loss = lambda p: jnp.mean(T.dmd_loss(bound, p, noise, None, k_g, real_fn=real,
                                              real_params=None, fake_fn=fake_fn,
                                              fake_params=fake, **kw)[0])
         upd, sg = opt_g.update(jax.grad(loss)(gen), sg)
         return (optax.apply_updates(gen, upd), fake, sg, sf), None
 
     run = jax.jit(lambda c, k: jax.lax.scan(body, c, jax.random.split(k, steps))[0])
-    gen, *_ = run((gen, fake, opt_g.init(gen), opt_f.init(fake)), jax.random.key(13))
+    return run((gen, fake, opt_g.init(gen), opt_f.init(fake)), jax.random.key(13))[0]
+
+
+def test_dmd2_with_an_affine_generator_matches_the_data_covariance():
+    # The fake score starts as the generator's distribution, N(0, I).
+    generator = lambda p, z, c, key: p["m"] + z @ jnp.tril(p["L"]).T
+    gen = _train_dmd2(generator, {"m": jnp.zeros(2), "L": jnp.eye(2)}, D.Flow())
     chol = jnp.tril(gen["L"])
     rel = np.linalg.norm(chol @ chol.T - COV) / np.linalg.norm(COV)
     assert rel < 0.05, rel
@@ -316,35 +320,8 @@ def test_two_step_dmd2_with_affine_steps_matches_the_data_covariance():
         return jnp.where(first, out0, out1)
 
     gen = T.few_step_generator(model_fn, process, prediction="x0", ts=ts)
-    real, fake_fn = GAUSS.denoiser(process), _gaussian_denoiser(process)
-    theta = {"m0": jnp.zeros(2), "L0": jnp.eye(2), "m1": jnp.zeros(2), "A1": jnp.eye(2)}
-    fake = {"m": jnp.zeros(2), "L": jnp.eye(2)}
-    steps = 600
-    opt_g, opt_f = optax.adam(optax.cosine_decay_schedule(1e-2, steps)), optax.adam(2e-2)
-    kw = dict(process=process, prediction="x0")
-
-    def body(carry, key):
-        theta, fake, sg, sf = carry
-        k_z, k_f, k_g, k_sim = jax.random.split(key, 4)
-        noise = jax.random.normal(k_z, (256, 2))
-        generator = lambda p, z, c: gen(p, z, c, k_sim)
-        x = generator(theta, noise, None)
-
-        def fake_step(c, k):
-            fake, sf = c
-            loss = lambda p: jnp.mean(T.fake_score_loss(fake_fn, p, x, None, k, **kw)[0])
-            upd, sf = opt_f.update(jax.grad(loss)(fake), sf)
-            return (optax.apply_updates(fake, upd), sf), None
-
-        (fake, sf), _ = jax.lax.scan(fake_step, (fake, sf), jax.random.split(k_f, 5))
-        loss = lambda p: jnp.mean(T.dmd_loss(generator, p, noise, None, k_g, real_fn=real,
-                                             real_params=None, fake_fn=fake_fn,
-                                             fake_params=fake, **kw)[0])
-        upd, sg = opt_g.update(jax.grad(loss)(theta), sg)
-        return (optax.apply_updates(theta, upd), fake, sg, sf), None
-
-    run = jax.jit(lambda c, k: jax.lax.scan(body, c, jax.random.split(k, steps))[0])
-    theta, *_ = run((theta, fake, opt_g.init(theta), opt_f.init(fake)), jax.random.key(13))
+    theta = _train_dmd2(gen, {"m0": jnp.zeros(2), "L0": jnp.eye(2), "m1": jnp.zeros(2),
+                              "A1": jnp.eye(2)}, process)
     x = gen(theta, jax.random.normal(jax.random.key(5), (40000, 2)), None, jax.random.key(6))
     x = np.asarray(x, np.float64)
     rel = np.linalg.norm(np.cov(x.T) - COV) / np.linalg.norm(COV)

@@ -16,7 +16,14 @@ import numpy as np
 import optax
 import pytest
 from test_train_consistency import assert_resume_is_bit_exact, starting_noise
-from train_fixtures import assert_same, batch_of, leaves, setup_of, tiny_config
+from train_fixtures import (
+    assert_same,
+    assert_uint8_matches,
+    batch_of,
+    leaves,
+    setup_of,
+    tiny_config,
+)
 
 from jaxgen import sample as sample_cli
 from jaxgen import sampling
@@ -28,7 +35,6 @@ from jaxgen.diffusion.distillation import (
     reflow_loss,
 )
 from jaxgen.errors import InputError
-from jaxgen.sampling import to_uint8
 from jaxgen.sampling.teacher import reflow_pairs
 from jaxgen.train import ema_decay, init_state, load_run, loop, make_train_step, train_and_evaluate
 from jaxgen.train import state as state_module
@@ -245,9 +251,7 @@ def test_dmd2_resume_is_bit_exact_and_samples_g_of_noise_in_one_step(data_file, 
     noise = starting_noise(seed=3, num=8, shape=(8, 8, 1))
     x = few_step_generator(run.parts.model_fn, Flow(), prediction="velocity")(run.params, noise,
                                                                               labels)
-    want = np.asarray(to_uint8(x))
-    assert np.abs(got.astype(int) - want).max() <= 1  # compiled vs eager rounding
-    assert np.mean(got == want) > 0.99
+    assert_uint8_matches(got, x)
     with pytest.raises(InputError, match=re.escape("a 1-step generator")) as e:
         sample_cli.main(["--workdir", str(workdir), "--steps", "2", "--num", "8",
                          "--out", str(tmp_path / "s2.npz")])
@@ -290,9 +294,7 @@ def test_two_step_dmd2_trains_on_its_backward_simulation_and_samples_in_two_step
     x, _ = sampling.consistency_sample(
         run.parts.model_fn, run.params, Flow(), jax.random.key_data(jax.random.key(3)),
         (8, 8, 8, 1), ts=(1.0, 0.5), cond=labels, prediction="velocity", clean_output=True)
-    want = np.asarray(to_uint8(x))
-    assert np.abs(got.astype(int) - want).max() <= 1  # compiled vs eager rounding
-    assert np.mean(got == want) > 0.99
+    assert_uint8_matches(got, x)
     with pytest.raises(InputError, match=re.escape("a 2-step generator")) as e:
         sample_cli.main(["--workdir", str(workdir), "--steps", "1", "--num", "8",
                          "--out", str(tmp_path / "s1.npz")])
