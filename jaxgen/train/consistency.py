@@ -570,9 +570,10 @@ def _noise_levels(process) -> tuple[float, float]:
 
 
 def _student_levels(student) -> tuple[float, float]:
-    """The noise levels the student's teacher must reach: CD's ``[sigma_min, sigma_max]``;
-    sCM's ``[0.002, 80]`` (its sampler starts at ``arctan(80 / sigma_d)``)."""
-    if isinstance(student.process, EDM):
+    """The noise levels the student's teacher must reach: CD's ``[sigma_min, sigma_max]``
+    (:func:`cd_levels`); sCM's ``[0.002, 80]`` (its sampler starts at ``arctan(80 /
+    sigma_d)``)."""
+    if isinstance(student.process, EDM) and not cd_view(student.config):
         return student.process.sigma_min, student.process.sigma_max
     return 0.002, SCM_SIGMA_MAX
 
